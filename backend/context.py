@@ -1,0 +1,29 @@
+"""Everything the app's lifespan creates and the services share, in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from backend.config import Settings
+from backend.executor import Executor
+from backend.services.embedding import ModelService
+from backend.services.storage import FileStore
+from backend.services.vectors import IndexService
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    executor: Executor
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    store: FileStore
+    models: ModelService
+    vectors: IndexService
+    # Serialises the short commit phase of writes (file rename, row, index) so that
+    # two uploads of the same bytes, or an upload and a delete, cannot interleave.
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -1,0 +1,28 @@
+"""Annotated dependency aliases the routers use."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from backend.config import Settings
+from backend.context import AppContext
+
+
+def get_context(request: Request) -> AppContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_context(request).sessions() as session:
+        yield session
+
+
+def get_app_settings(request: Request) -> Settings:
+    return get_context(request).settings
+
+
+ContextDep = Annotated[AppContext, Depends(get_context)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]

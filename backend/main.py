@@ -1,0 +1,93 @@
+"""App factory: settings, lifespan (executor, database, index, model), error handlers, routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from backend.config import Settings, get_settings
+from backend.context import AppContext
+from backend.db import create_engine, init_schema, session_factory
+from backend.errors import install_error_handlers
+from backend.executor import Executor
+from backend.routers import health, images, search
+from backend.services.embedding import ModelService
+from backend.services.storage import FileStore
+from backend.services.vectors import IndexService
+
+log = logging.getLogger("backend")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    # A no-op when the host (a test runner, say) has configured logging already.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        executor = Executor(settings.executor_workers)
+        # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
+        torch.set_num_threads(executor.workers)
+        store = FileStore(settings.storage_root)
+        store.ensure_dirs()
+        swept = store.sweep_tmp()
+        if swept:
+            log.info("removed %d temp files left by an earlier run", swept)
+        engine = create_engine(settings.effective_database_url)
+        await init_schema(engine)
+        sessions = session_factory(engine)
+        models = ModelService(
+            model_name=settings.clip_model_name,
+            device=settings.clip_device,
+            batch_size=settings.embed_batch_size,
+            executor=executor,
+        )
+        vectors = IndexService(
+            index_dir=store.index_dir,
+            model_name=settings.clip_model_name,
+            executor=executor,
+            save_interval=settings.index_save_interval,
+        )
+        await vectors.load_or_rebuild(sessions)
+        vectors.start_autosave()
+        if settings.clip_preload:
+            models.start_loading()
+        app.state.ctx = AppContext(
+            settings=settings,
+            executor=executor,
+            engine=engine,
+            sessions=sessions,
+            store=store,
+            models=models,
+            vectors=vectors,
+        )
+        try:
+            yield
+        finally:
+            await models.close()
+            await vectors.close()
+            await engine.dispose()
+            executor.shutdown()
+
+    app = FastAPI(
+        title=settings.app_name,
+        summary="Upload images, find them by a sentence or a look-alike, and sort them into groups.",
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_request_bytes,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(
+        images.router,
+        # Starlette refuses more parts than this while parsing, before the endpoint runs.
+        form_limits={"max_files": settings.max_files_per_request + 1, "max_fields": 16},
+    )
+    app.include_router(search.router, form_limits={"max_files": 1, "max_fields": 16})
+    return app
+
+

@@ -1,0 +1,175 @@
+from typing import Annotated
+
+from fastapi import APIRouter, File, Path, Query, Response, UploadFile, status
+from fastapi.responses import FileResponse, JSONResponse
+
+from backend.deps import ContextDep, SessionDep
+from backend.errors import NotFoundError, TooManyFilesError
+from backend.models import ErrorBody, ImagePublic, ImagesPublic, ImageUploaded, SearchResults, UploadBatch, UploadError, UploadItem
+from backend.services import catalog, search
+from backend.services.ingest import IncomingFile, IngestOutcome, ingest_files
+
+router = APIRouter(prefix="/images", tags=["images"])
+
+ImageId = Annotated[int, Path(ge=1, description="The image's id.")]
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No image with this id"}}
+_UPLOAD_ERRORS = {
+    400: {"model": ErrorBody, "description": "Not an image, empty, corrupt, or too many files"},
+    413: {"model": ErrorBody, "description": "A file or the request is larger than the limits"},
+    415: {"model": ErrorBody, "description": "An image format outside the allow-list"},
+    422: {"model": ErrorBody, "description": "No file sent, or an image with too many pixels"},
+    503: {"model": ErrorBody, "description": "The CLIP model is not available"},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ImageUploaded | UploadBatch,
+    summary="Upload one image (`file`) or many (`files`)",
+    responses=_UPLOAD_ERRORS,
+)
+async def upload_images(
+    ctx: ContextDep,
+    session: SessionDep,
+    response: Response,
+    file: Annotated[UploadFile | None, File(description="One image; the answer is its record.")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="Many images; the answer is per file.")] = None,
+) -> ImageUploaded | UploadBatch | JSONResponse:
+    """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
+    uploads = ([file] if file is not None else []) + list(files or [])
+    if not uploads:
+        return JSONResponse(
+            status_code=422, content={"detail": "send an image in the field `file` or `files`", "code": "no_file"}
+        )
+    if len(uploads) > ctx.settings.max_files_per_request:
+        raise TooManyFilesError(f"{len(uploads)} files sent; at most {ctx.settings.max_files_per_request} per request")
+    outcomes = await ingest_files(
+        ctx=ctx,
+        session=session,
+        files=[IncomingFile(filename=u.filename or "", source=u.file) for u in uploads],
+    )
+    if file is not None and not files:
+        outcome = outcomes[0]
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.image is not None
+        if outcome.duplicate:
+            response.status_code = status.HTTP_200_OK
+        return catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate)
+
+    batch = _batch(outcomes)
+    if batch.failed == len(outcomes):
+        statuses = {item.error.status for item in batch.items if item.error}
+        return JSONResponse(
+            status_code=statuses.pop() if len(statuses) == 1 else 400,
+            content={"detail": "no file in the request was accepted", "code": "no_image_accepted", **batch.model_dump(mode="json")},
+        )
+    if batch.created == 0:
+        response.status_code = status.HTTP_200_OK
+    return batch
+
+
+def _batch(outcomes: list[IngestOutcome]) -> UploadBatch:
+    items: list[UploadItem] = []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            error = UploadError(status=outcome.error.status_code, code=outcome.error.code, detail=outcome.error.detail)
+            items.append(UploadItem(filename=outcome.filename, status="failed", error=error))
+        else:
+            assert outcome.image is not None
+            items.append(
+                UploadItem(
+                    filename=outcome.filename,
+                    status="duplicate" if outcome.duplicate else "created",
+                    image=catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate),
+                )
+            )
+    return UploadBatch(
+        created=sum(item.status == "created" for item in items),
+        duplicates=sum(item.status == "duplicate" for item in items),
+        failed=sum(item.status == "failed" for item in items),
+        items=items,
+    )
+
+
+@router.get("", response_model=ImagesPublic, summary="List images, newest first")
+async def list_images(
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> ImagesPublic:
+    """A page of image records, newest first, with the total count."""
+    return await catalog.list_images(session=session, offset=offset, limit=limit)
+
+
+@router.get("/{image_id}", response_model=ImagePublic, summary="One image's metadata", responses=_NOT_FOUND)
+async def get_image(session: SessionDep, image_id: ImageId) -> ImagePublic:
+    """Metadata of one image."""
+    return catalog.to_public(await catalog.get_image(session=session, image_id=image_id))
+
+
+@router.get(
+    "/{image_id}/file",
+    response_class=FileResponse,
+    summary="The original file",
+    responses={200: {"content": {"image/*": {}}}, **_NOT_FOUND},
+)
+async def get_file(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> FileResponse:
+    """The uploaded bytes, unchanged, with their content type."""
+    image = await catalog.get_image(session=session, image_id=image_id)
+    return _serve(ctx, image.storage_key, image.content_type, image.sha256, image.filename)
+
+
+@router.get(
+    "/{image_id}/thumbnail",
+    response_class=FileResponse,
+    summary="A JPEG thumbnail",
+    responses={200: {"content": {"image/jpeg": {}}}, **_NOT_FOUND},
+)
+async def get_thumbnail(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> FileResponse:
+    """A JPEG no larger than THUMBNAIL_SIZE on its longer side, EXIF orientation applied."""
+    image = await catalog.get_image(session=session, image_id=image_id)
+    return _serve(ctx, image.thumbnail_key, "image/jpeg", f"{image.sha256}-thumb", None)
+
+
+def _serve(ctx: ContextDep, key: str, media_type: str, etag: str, filename: str | None) -> FileResponse:
+    path = ctx.store.path(key)
+    if not path.is_file():
+        raise NotFoundError("the stored file is missing", code="file_missing")
+    return FileResponse(
+        path,
+        media_type=media_type,
+        filename=filename,
+        content_disposition_type="inline",
+        headers={"ETag": f'"{etag}"', "Cache-Control": "private, max-age=31536000, immutable"},
+    )
+
+
+@router.delete(
+    "/{image_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete an image",
+    responses=_NOT_FOUND,
+)
+async def delete_image(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> Response:
+    """Removes the record, its vector from the index, and its files."""
+    await catalog.delete_image(ctx=ctx, session=session, image_id=image_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{image_id}/similar",
+    response_model=SearchResults,
+    summary="Images that look like a stored one",
+    responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "Embedded by another model"}},
+)
+async def similar_images(
+    ctx: ContextDep,
+    session: SessionDep,
+    image_id: ImageId,
+    top_k: Annotated[int, Query(ge=1, le=200)] = 10,
+) -> SearchResults:
+    """Image -> image search from a stored image; the image itself is not in the results."""
+    return await search.search_similar(ctx=ctx, session=session, image_id=image_id, top_k=top_k)

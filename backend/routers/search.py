@@ -1,0 +1,45 @@
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+
+from backend.deps import ContextDep, SessionDep
+from backend.models import ErrorBody, SearchResults
+from backend.services import search as search_service
+from backend.services.ingest import embed_query_image
+
+router = APIRouter(tags=["search"])
+
+MAX_TOP_K = 200
+TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results, best first.")]
+_ERRORS = {
+    422: {"model": ErrorBody, "description": "Invalid parameters"},
+    503: {"model": ErrorBody, "description": "The CLIP model is not available"},
+}
+
+
+@router.get("/search", response_model=SearchResults, summary="Find images by a sentence", responses=_ERRORS)
+async def search_text(
+    ctx: ContextDep,
+    session: SessionDep,
+    q: Annotated[str, Query(min_length=1, max_length=1000, pattern=r"\S", description="What to look for.")],
+    top_k: TopK = 10,
+) -> SearchResults:
+    """Text -> image search: the query's CLIP text vector against every image vector, by cosine."""
+    return await search_service.search_text(ctx=ctx, session=session, query=q.strip(), top_k=top_k)
+
+
+@router.post(
+    "/search/image",
+    response_model=SearchResults,
+    summary="Find images that look like an uploaded one",
+    responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+)
+async def search_image(
+    ctx: ContextDep,
+    session: SessionDep,
+    file: Annotated[UploadFile, File(description="The query image; it is not stored.")],
+    top_k: TopK = 10,
+) -> SearchResults:
+    """Image -> image search with a query image that is embedded and then discarded."""
+    vector = await embed_query_image(ctx=ctx, source=file.file)
+    return await search_service.search_by_vector(ctx=ctx, session=session, vector=vector, top_k=top_k)

@@ -1,0 +1,144 @@
+"""Decoding and checking uploaded images, reading EXIF, making thumbnails (synchronous, for the executor)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from backend.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
+
+try:  # HEIC/HEIF through the maintained pillow-heif plugin; AVIF is built into Pillow.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - the plugin is in requirements.txt
+    pass
+
+# Pillow format name -> (MIME type, file extension) of what we accept.
+ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
+    "JPEG": ("image/jpeg", "jpg"),
+    "MPO": ("image/jpeg", "jpg"),  # multi-picture JPEG written by many phones
+    "PNG": ("image/png", "png"),
+    "WEBP": ("image/webp", "webp"),
+    "GIF": ("image/gif", "gif"),
+    "BMP": ("image/bmp", "bmp"),
+    "TIFF": ("image/tiff", "tif"),
+    "HEIF": ("image/heic", "heic"),
+    "AVIF": ("image/avif", "avif"),
+}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, zlib.error, TypeError)
+_EXIF_DATETIME_ORIGINAL = 0x9003
+
+
+@dataclass
+class DecodedImage:
+    format: str
+    content_type: str
+    extension: str
+    width: int
+    height: int
+    taken_at: datetime | None
+    rgb: Image.Image  # oriented per EXIF, 8-bit RGB
+
+
+def decode_image(path: Path, max_pixels: int) -> DecodedImage:
+    """Open, check and fully decode an image file; raise a 4xx-mapped error for anything unfit."""
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse at our own limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError as exc:
+            raise InvalidImageError("file is not a recognised image") from exc
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"image has more than {max_pixels} pixels") from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidImageError(f"image could not be read: {_short(exc)}") from exc
+        with image:
+            fmt = image.format or ""
+            if fmt not in ALLOWED_FORMATS:
+                allowed = ", ".join(sorted({f for f in ALLOWED_FORMATS if f != "MPO"}))
+                raise UnsupportedFormatError(f"format {fmt or 'unknown'} is not accepted; allowed: {allowed}")
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise InvalidImageError("image has no pixels")
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+                )
+            try:
+                image.seek(0)  # first frame of animations
+                image.load()
+                taken_at = _taken_at(image)
+                oriented = ImageOps.exif_transpose(image)
+                rgb = to_rgb(oriented)
+            except Image.DecompressionBombError as exc:
+                raise ImageTooLargeError(f"image has more than {max_pixels} pixels") from exc
+            except _DECODE_ERRORS as exc:
+                raise InvalidImageError(f"image data is truncated or corrupt: {_short(exc)}") from exc
+    content_type, extension = ALLOWED_FORMATS[fmt]
+    return DecodedImage(
+        format=fmt,
+        content_type=content_type,
+        extension=extension,
+        width=rgb.width,
+        height=rgb.height,
+        taken_at=taken_at,
+        rgb=rgb,
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB; transparency is flattened onto white, high bit depths are scaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            array = array / 257.0
+        else:
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
+    thumb = rgb.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=85, optimize=True)
+    return buffer.getvalue()
+
+
+def _taken_at(image: Image.Image) -> datetime | None:
+    try:
+        exif = image.getexif()
+        raw = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME_ORIGINAL)
+    except _DECODE_ERRORS:
+        return None
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.strptime(raw.strip().rstrip("\x00"), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:200]

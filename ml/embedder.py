@@ -1,0 +1,113 @@
+"""CLIP wrapper: load once, then preprocess -> forward -> normalise, in batches.
+
+Synchronous on purpose: callers run it in an executor. Knows nothing of HTTP or databases.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
+
+# CLIP's text tower has 77 positions; queries are padded only to the longest in the batch.
+MAX_TEXT_TOKENS = 77
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CLIP_DEVICE=cuda but no CUDA device is available")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("CLIP_DEVICE=mps but no MPS device is available")
+    return requested
+
+
+@dataclass
+class ClipEmbedder:
+    """A loaded CLIP model with its processor; all vectors come out L2-normalised float32."""
+
+    model_name: str
+    device: str
+    model: CLIPModel
+    processor: object
+    dim: int
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        # The processor's tokenizer is not safe to share between threads.
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_name: str, device: str = "auto", batch_size: int = 32) -> ClipEmbedder:
+        """Load by hub id or from a local directory holding a saved model and processor."""
+        resolved = resolve_device(device)
+        dtype = torch.float16 if resolved == "cuda" else torch.float32
+        model = CLIPModel.from_pretrained(model_name, dtype=dtype)
+        model.to(resolved).eval()
+        processor = AutoProcessor.from_pretrained(model_name)
+        return cls(
+            model_name=model_name,
+            device=resolved,
+            model=model,
+            processor=processor,
+            dim=int(model.config.projection_dim),
+            batch_size=batch_size,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images -> pixel tensor of shape (n, 3, H, W) on the CPU."""
+        batch = self.processor.image_processor(images=list(images), return_tensors="pt")  # type: ignore[attr-defined]
+        return batch["pixel_values"]
+
+    def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Forward preprocessed pixels in batches; returns (n, dim) unit vectors."""
+        out = np.empty((pixel_values.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, pixel_values.shape[0], self.batch_size):
+            chunk = pixel_values[start : start + self.batch_size].to(self.device, dtype=self.dtype)
+            with torch.inference_mode():
+                features = self.model.get_image_features(pixel_values=chunk).pooler_output
+            out[start : start + len(chunk)] = _normalise(features)
+        return out
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.embed_pixels(self.preprocess(images))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text -> (n, dim) unit vectors; padded to the longest text, truncated at 77 tokens."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start : start + self.batch_size])
+            with self._tokenizer_lock:
+                tokens = self.processor.tokenizer(  # type: ignore[attr-defined]
+                    chunk, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
+                )
+            tokens = {key: value.to(self.device) for key, value in tokens.items()}
+            with torch.inference_mode():
+                features = self.model.get_text_features(**tokens).pooler_output
+            out[start : start + len(chunk)] = _normalise(features)
+        return out
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    vectors = features.float()
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return vectors.cpu().numpy().astype(np.float32, copy=False)
