@@ -14,6 +14,7 @@ from backend.context import AppContext
 from backend.db import create_engine, init_schema, session_factory
 from backend.errors import install_error_handlers
 from backend.executor import Executor
+from backend.limits import BodySizeLimitMiddleware
 from backend.routers import health, images, search
 from backend.services.embedding import ModelService
 from backend.services.storage import FileStore
@@ -78,8 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Upload images, find them by a sentence or a look-alike, and sort them into groups.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,
     )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(
@@ -89,5 +90,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(search.router, form_limits={"max_files": 1, "max_fields": 16})
     return app
-
-

@@ -127,7 +127,9 @@ class VectorIndex:
         fresh = None
         if len(ids):
             fresh = self._new(vectors.shape[1])
-            fresh.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+            fresh.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+            )
         elif dim is not None:
             fresh = self._new(dim)
         with self._lock.write():

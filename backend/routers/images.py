@@ -5,7 +5,16 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from backend.deps import ContextDep, SessionDep
 from backend.errors import NotFoundError, TooManyFilesError
-from backend.models import ErrorBody, ImagePublic, ImagesPublic, ImageUploaded, SearchResults, UploadBatch, UploadError, UploadItem
+from backend.models import (
+    ErrorBody,
+    ImagePublic,
+    ImagesPublic,
+    ImageUploaded,
+    SearchResults,
+    UploadBatch,
+    UploadError,
+    UploadItem,
+)
 from backend.services import catalog, search
 from backend.services.ingest import IncomingFile, IngestOutcome, ingest_files
 
@@ -63,7 +72,11 @@ async def upload_images(
         statuses = {item.error.status for item in batch.items if item.error}
         return JSONResponse(
             status_code=statuses.pop() if len(statuses) == 1 else 400,
-            content={"detail": "no file in the request was accepted", "code": "no_image_accepted", **batch.model_dump(mode="json")},
+            content={
+                "detail": "no file in the request was accepted",
+                "code": "no_image_accepted",
+                **batch.model_dump(mode="json"),
+            },
         )
     if batch.created == 0:
         response.status_code = status.HTTP_200_OK

@@ -70,7 +70,10 @@ class ModelService:
         self._embedder = embedder
         log.info(
             "loaded CLIP model %r on %s (dim %d) in %.1fs",
-            self.model_name, embedder.device, embedder.dim, time.perf_counter() - started,
+            self.model_name,
+            embedder.device,
+            embedder.dim,
+            time.perf_counter() - started,
         )
         return embedder
 
@@ -78,9 +81,11 @@ class ModelService:
         """The loaded model, loading it first if needed; 503 with the reason when it cannot load."""
         if self._embedder is not None:
             return self._embedder
-        if self.state == "failed" and time.monotonic() - self._failed_at >= RETRY_AFTER_SECONDS:
-            self.start_loading()
-        elif self.state == "not_loaded":
+        if (
+            self.state == "failed"
+            and time.monotonic() - self._failed_at >= RETRY_AFTER_SECONDS
+            or self.state == "not_loaded"
+        ):
             self.start_loading()
         if self._task is not None:
             embedder = await asyncio.shield(self._task)

@@ -73,9 +73,7 @@ def clean_filename(raw: str | None) -> str:
     return name
 
 
-def prepare_image(
-    path: Path, *, max_pixels: int, thumbnail_size: int | None, embedder: ClipEmbedder
-) -> PreparedImage:
+def prepare_image(path: Path, *, max_pixels: int, thumbnail_size: int | None, embedder: ClipEmbedder) -> PreparedImage:
     """Decode, check, thumbnail (unless size is None) and preprocess one file; runs in the executor."""
     decoded = decode_image(path, max_pixels)
     thumbnail = make_thumbnail(decoded.rgb, thumbnail_size) if thumbnail_size else b""

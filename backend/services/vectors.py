@@ -6,6 +6,7 @@ SQLite is the source of truth; the index file is a cache of it that can always b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -63,7 +64,9 @@ class IndexService:
                     return "loaded"
                 log.warning(
                     "index %s disagrees with the database (%d vs %d ids): rebuilding",
-                    self.path.name, len(file_ids), len(db_ids),
+                    self.path.name,
+                    len(file_ids),
+                    len(db_ids),
                 )
             except Exception as exc:
                 log.warning("index %s could not be read (%s): rebuilding", self.path.name, exc)
@@ -140,9 +143,7 @@ class IndexService:
     async def close(self) -> None:
         if self._autosave is not None:
             self._autosave.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._autosave
-            except asyncio.CancelledError:
-                pass
             self._autosave = None
         await self.save()

@@ -1,0 +1,132 @@
+"""Restarts, a lost or stale index file, and a model that cannot be loaded."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from backend.config import Settings
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, stored_files
+
+
+async def upload_some(client: httpx.AsyncClient, count: int, first_seed: int = 200) -> list[int]:
+    files = [("files", (f"{i}.jpg", make_image_bytes(first_seed + i), "image/jpeg")) for i in range(count)]
+    body = (await client.post("/images", files=files)).json()
+    return [item["image"]["id"] for item in body["items"]]
+
+
+async def snapshot(client: httpx.AsyncClient) -> tuple[list[dict], list[tuple[int, float]]]:
+    listing = (await client.get("/images", params={"limit": 100})).json()["data"]
+    hits = (await client.get("/search", params={"q": "a red car", "top_k": 20})).json()["results"]
+    return listing, [(h["image"]["id"], round(h["score"], 5)) for h in hits]
+
+
+def index_files(settings: Settings) -> list:
+    return list((settings.storage_root / "index").glob("*.index"))
+
+
+async def test_restart_keeps_everything(run_app: AppRunner) -> None:
+    async with run_app() as client:
+        ids = await upload_some(client, 4)
+        await client.delete(f"/images/{ids[0]}")
+        before = await snapshot(client)
+    async with run_app() as client:
+        after = await snapshot(client)
+        health = (await client.get("/health")).json()
+        file_ok = await client.get(f"/images/{ids[1]}/file")
+    assert after == before
+    assert len(after[1]) == 3
+    assert health["images"] == health["index"]["size"] == 3
+    assert file_ok.status_code == 200
+
+
+async def test_index_is_rebuilt_when_its_file_is_deleted(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app() as client:
+        await upload_some(client, 3)
+        before = await snapshot(client)
+    files = index_files(settings)
+    assert len(files) == 1
+    files[0].unlink()
+    async with run_app() as client:
+        assert (await client.get("/health")).json()["index"]["size"] == 3
+        assert await snapshot(client) == before
+    assert len(index_files(settings)) == 1  # saved again after the rebuild
+
+
+async def test_corrupt_index_file_is_rebuilt(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app() as client:
+        await upload_some(client, 3)
+        before = await snapshot(client)
+    index_files(settings)[0].write_bytes(b"garbage, not a faiss index")
+    async with run_app() as client:
+        assert (await client.get("/health")).json()["index"]["size"] == 3
+        assert await snapshot(client) == before
+
+
+async def test_stale_index_file_is_rebuilt(run_app: AppRunner, settings: Settings) -> None:
+    """An index saved before later uploads (say, a crash before the next save) is detected and replaced."""
+    async with run_app() as client:
+        await upload_some(client, 2)
+    old_index = index_files(settings)[0].read_bytes()
+    async with run_app() as client:
+        await upload_some(client, 2, first_seed=300)
+        before = await snapshot(client)
+    index_files(settings)[0].write_bytes(old_index)
+    async with run_app() as client:
+        assert (await client.get("/health")).json()["index"]["size"] == 4
+        assert await snapshot(client) == before
+
+
+async def test_index_is_saved_in_the_background(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app(index_save_interval=0.05) as client:
+        await upload_some(client, 2)
+        import asyncio
+
+        for _ in range(100):
+            if index_files(settings):
+                break
+            await asyncio.sleep(0.05)
+        assert len(index_files(settings)) == 1
+
+
+@pytest.mark.parametrize("preload", [True, False])
+async def test_unloadable_model_is_reported_and_answers_503(
+    run_app: AppRunner, settings: Settings, tmp_path, preload: bool
+) -> None:
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    async with run_app(clip_model_name=str(missing), clip_preload=preload) as client:
+        upload = await client.post("/images", files={"file": ("a.jpg", make_image_bytes(1), "image/jpeg")})
+        assert upload.status_code == 503
+        assert upload.json()["code"] == "model_unavailable"
+        assert str(missing) in upload.json()["detail"]
+        search = await client.get("/search", params={"q": "cat"})
+        assert search.status_code == 503
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded"
+        assert health["model"]["state"] == "failed"
+        assert health["model"]["loaded"] is False
+        assert health["model"]["error"]
+        listing = await client.get("/images")
+        assert listing.status_code == 200
+        assert listing.json()["count"] == 0
+    assert stored_files(settings.storage_root) == []
+
+
+async def test_images_of_another_model_stay_listed_but_leave_the_index(
+    run_app: AppRunner, settings: Settings, tmp_path
+) -> None:
+    from tests.conftest import build_tiny_clip
+
+    other = build_tiny_clip(tmp_path / "other-clip", seed=1)
+    async with run_app() as client:
+        ids = await upload_some(client, 2)
+    async with run_app(clip_model_name=str(other)) as client:
+        health = (await client.get("/health")).json()
+        assert health["images"] == 2
+        assert health["stale_embeddings"] == 2
+        assert health["index"]["size"] == 0
+        similar = await client.get(f"/images/{ids[0]}/similar")
+        assert similar.status_code == 409
+        assert similar.json()["code"] == "stale_embedding"

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random CLIP saved like a real one, fresh storage, and clients with the lifespan running."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from asgi_lifespan import LifespanManager
+
+from backend.config import Settings
+from backend.main import create_app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", REPO_ROOT.parent / "shared" / "models"))
+CLIP_SOURCE = SHARED_MODELS / "clip-vit-base-patch32"
+
+
+def build_tiny_clip(target: Path, seed: int = 0) -> Path:
+    """A CLIP with 2 small layers per tower and the real tokenizer and preprocessing, saved as a snapshot."""
+    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+
+    if not (CLIP_SOURCE / "config.json").is_file():
+        raise RuntimeError(
+            f"CLIP description files not found at {CLIP_SOURCE}; set SHARED_MODELS_DIR to the folder "
+            "holding clip-vit-base-patch32/"
+        )
+    config = CLIPConfig.from_pretrained(CLIP_SOURCE)
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config.text_config.update(tiny)
+    config.vision_config.update(tiny)
+    config.projection_dim = 16
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(target)
+    AutoProcessor.from_pretrained(CLIP_SOURCE).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_clip_dir: Path) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        storage_root=tmp_path / "storage",
+        clip_model_name=str(tiny_clip_dir),
+        clip_device="cpu",
+        index_save_interval=0,
+        executor_workers=2,
+    )
+
+
+AppRunner = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def run_app(settings: Settings) -> AppRunner:
+    """`async with run_app(**overrides) as client`: a fresh app over the test's storage; a second call is a restart."""
+
+    @asynccontextmanager
+    async def runner(**overrides: object) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(settings.model_copy(update=overrides))
+        async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield client
+
+    return runner
+
+
+@pytest.fixture
+async def client(run_app: AppRunner) -> AsyncIterator[httpx.AsyncClient]:
+    async with run_app() as client:
+        yield client

@@ -1,0 +1,37 @@
+"""Test data: images made on the fly, and a look at what storage holds."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_image_bytes(
+    seed: int = 0,
+    *,
+    fmt: str = "JPEG",
+    size: tuple[int, int] = (96, 64),
+    mode: str = "RGB",
+    **save_args: object,
+) -> bytes:
+    """A distinct, textured image per seed, encoded in `fmt`."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = (
+        base + np.stack([xx * (seed + 1), yy * 3, xx + yy], axis=-1) + rng.integers(0, 40, (size[1], size[0], 3))
+    ) % 256
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def stored_files(root: Path) -> list[Path]:
+    """Every file under originals/, thumbnails/ and tmp/ of a storage root."""
+    return sorted(p for sub in ("originals", "thumbnails", "tmp") for p in (root / sub).rglob("*") if p.is_file())
