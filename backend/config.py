@@ -30,7 +30,6 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
 
-    search_max_top_k: int = Field(default=200, ge=1, le=10_000)
     # Seconds between saves of the FAISS index after a change (it is also saved at shutdown).
     index_save_interval: float = Field(default=5.0, ge=0.0)
     # Worker threads for model, FAISS, decoding and hashing; 0 means the number of cores.

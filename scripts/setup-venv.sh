@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv when missing and install a requirements file into it; skipped when nothing changed.
+# Usage: scripts/setup-venv.sh requirements.txt|requirements-dev.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req="${1:-requirements.txt}"
+venv="${VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv with $($python --version)"
+    "$python" -m venv "$venv"
+fi
+
+# Reinstall only when the requirement files differ from the last successful install.
+stamp="$venv/.installed-$(basename "$req")"
+digest="$(cat requirements.txt "$req" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
+    exit 0
+fi
+
+extra=()
+# Where PyPI's default torch would be a CUDA build, point this at a CPU wheel index, e.g.
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    extra+=(--extra-index-url "$TORCH_INDEX_URL")
+fi
+echo "installing $req into $venv"
+"$venv/bin/python" -m pip install --disable-pip-version-check -q "${extra[@]}" -r "$req"
+echo "$digest" > "$stamp"

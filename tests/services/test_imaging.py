@@ -1,0 +1,118 @@
+"""Decoding rules and file staging, without the app."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import EmptyFileError, FileTooLargeError, ImageTooLargeError, InvalidImageError
+from backend.services.imaging import decode_image, make_thumbnail, to_rgb
+from backend.services.ingest import clean_filename
+from backend.services.storage import FileStore
+from tests.helpers import make_image_bytes
+
+
+def write(tmp_path: Path, data: bytes, name: str = "f") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_png_pixel_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    # A 20000x20000 PNG compresses to a few hundred KB; it must be refused before decoding.
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG")
+    with pytest.raises(ImageTooLargeError):
+        decode_image(write(tmp_path, buffer.getvalue()), max_pixels=100_000_000)
+
+
+def test_image_just_over_the_pixel_limit_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, make_image_bytes(1, fmt="PNG", size=(101, 100)))
+    with pytest.raises(ImageTooLargeError):
+        decode_image(path, max_pixels=100 * 100)
+    assert decode_image(path, max_pixels=101 * 100).width == 101
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "I", "F", "LA", "RGBA", "P", "PA", "1", "L"])
+def test_every_mode_becomes_8bit_rgb(mode: str) -> None:
+    image = Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+    assert rgb.size == (8, 6)
+
+
+def test_16bit_grey_keeps_its_contrast() -> None:
+    image = Image.new("I;16", (4, 1))
+    image.putdata([0, 20000, 40000, 65535])
+    values = np.asarray(to_rgb(image))[0, :, 0].tolist()
+    assert values[0] == 0 and values[-1] == 255
+    assert values == sorted(values)
+
+
+def test_transparent_pixels_are_flattened_onto_white() -> None:
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_thumbnail_keeps_aspect_ratio() -> None:
+    data = make_thumbnail(Image.new("RGB", (1000, 500)), 256)
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.size == (256, 128)
+
+
+def test_truncated_png_is_invalid(tmp_path: Path) -> None:
+    data = make_image_bytes(2, fmt="PNG", size=(64, 64))
+    with pytest.raises(InvalidImageError):
+        decode_image(write(tmp_path, data[: len(data) // 2]), max_pixels=10**8)
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("photo.jpg", "photo.jpg"),
+        ("../../x.jpg", "x.jpg"),
+        ("a\x00b\x07.jpg", "ab.jpg"),
+        ("", "upload"),
+        (None, "upload"),
+        ("...", "upload"),
+        (".hidden.png", "hidden.png"),
+    ],
+)
+def test_clean_filename(raw: str | None, clean: str) -> None:
+    assert clean_filename(raw) == clean
+
+
+def test_clean_filename_bounds_length_and_keeps_extension() -> None:
+    name = clean_filename("n" * 10_000 + ".jpeg")
+    assert len(name) == 255
+    assert name.endswith(".jpeg")
+
+
+def test_stage_hashes_counts_and_syncs(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    store.ensure_dirs()
+    data = b"x" * 3_000_000
+    staged = store.stage(io.BytesIO(data), max_bytes=len(data))
+    assert staged.sha256 == hashlib.sha256(data).hexdigest()
+    assert staged.size == len(data)
+    assert staged.path.read_bytes() == data
+
+
+@pytest.mark.parametrize(("data", "error"), [(b"x" * 101, FileTooLargeError), (b"", EmptyFileError)])
+def test_stage_refusal_leaves_no_temp_file(tmp_path: Path, data: bytes, error: type[Exception]) -> None:
+    store = FileStore(tmp_path)
+    store.ensure_dirs()
+    with pytest.raises(error):
+        store.stage(io.BytesIO(data), max_bytes=100)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_storage_keys_cannot_leave_the_root(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.path("../outside.jpg")
