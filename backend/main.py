@@ -17,6 +17,7 @@ from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware
 from backend.routers import health, images, search
 from backend.services.embedding import ModelService
+from backend.services.imaging import set_pixel_limit
 from backend.services.storage import FileStore
 from backend.services.vectors import IndexService
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        set_pixel_limit(settings.max_image_pixels)
         executor = Executor(settings.executor_workers)
         # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
         torch.set_num_threads(executor.workers)

@@ -16,6 +16,8 @@ from transformers import AutoProcessor, CLIPModel
 
 # CLIP's text tower has 77 positions; queries are padded only to the longest in the batch.
 MAX_TEXT_TOKENS = 77
+# Images longer than this ratio are centre-cropped before preprocessing (see `preprocess`).
+MAX_ASPECT = 2.0
 
 
 def resolve_device(requested: str) -> str:
@@ -71,7 +73,12 @@ class ClipEmbedder:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB images -> pixel tensor of shape (n, 3, H, W) on the CPU."""
-        batch = self.processor.image_processor(images=list(images), return_tensors="pt")  # type: ignore[attr-defined]
+        image_processor = self.processor.image_processor  # type: ignore[attr-defined]
+        if getattr(image_processor, "do_center_crop", False):
+            # The processor scales the short side to 224 and keeps the centre square, so cropping very
+            # long images first changes nothing but stops a 10000x1 image from becoming 2240000x224.
+            images = [crop_to_aspect(image, MAX_ASPECT) for image in images]
+        batch = image_processor(images=list(images), return_tensors="pt")
         return batch["pixel_values"]
 
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
@@ -105,6 +112,20 @@ class ClipEmbedder:
                 features = self.model.get_text_features(**tokens).pooler_output
             out[start : start + len(chunk)] = _normalise(features)
         return out
+
+
+def crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
+    """Centre-crop the long side so that long / short <= max_aspect."""
+    width, height = image.size
+    short = max(1, min(width, height))
+    limit = int(short * max_aspect)
+    if width > limit:
+        left = (width - limit) // 2
+        return image.crop((left, 0, left + limit, height))
+    if height > limit:
+        top = (height - limit) // 2
+        return image.crop((0, top, width, top + limit))
+    return image
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:

@@ -73,3 +73,21 @@ def test_auto_device_falls_back_to_cpu_without_accelerators() -> None:
 def test_unknown_model_directory_fails_to_load(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         ClipEmbedder.load(str(tmp_path), "cpu")
+
+
+def test_very_long_images_embed_like_their_centre(embedder: ClipEmbedder) -> None:
+    rng = np.random.default_rng(5)
+    strip = Image.fromarray(rng.integers(0, 256, (4, 6000, 3), dtype=np.uint8))
+    vector = embedder.embed_images([strip])
+    assert vector.shape == (1, embedder.dim)
+    assert embedder.preprocess([strip]).shape[-2:] == (224, 224)
+    centre = strip.crop((2998, 0, 3002, 4))  # the square the processor would keep
+    np.testing.assert_allclose(vector[0], embedder.embed_images([centre])[0], atol=0.05)
+
+
+def test_crop_to_aspect_keeps_the_centre() -> None:
+    from ml.embedder import crop_to_aspect
+
+    assert crop_to_aspect(Image.new("RGB", (1000, 100)), 2.0).size == (200, 100)
+    assert crop_to_aspect(Image.new("RGB", (100, 1000)), 2.0).size == (100, 200)
+    assert crop_to_aspect(Image.new("RGB", (150, 100)), 2.0).size == (150, 100)
