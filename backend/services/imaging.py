@@ -37,14 +37,19 @@ _DECODE_ERRORS = (Exception,)
 _EXIF_DATETIME_ORIGINAL = 0x9003
 
 
-@dataclass
-class DecodedImage:
+@dataclass(frozen=True)
+class ImageInfo:
     format: str
     content_type: str
     extension: str
-    width: int
+    width: int  # after the EXIF orientation
     height: int
     taken_at: datetime | None
+
+
+@dataclass
+class DecodedImage:
+    info: ImageInfo
     rgb: Image.Image  # oriented per EXIF, 8-bit RGB
 
 
@@ -89,15 +94,8 @@ def decode_image(path: Path, max_pixels: int) -> DecodedImage:
             except _DECODE_ERRORS as exc:
                 raise InvalidImageError(f"image data is truncated or corrupt: {_short(exc)}") from exc
     content_type, extension = ALLOWED_FORMATS[fmt]
-    return DecodedImage(
-        format=fmt,
-        content_type=content_type,
-        extension=extension,
-        width=rgb.width,
-        height=rgb.height,
-        taken_at=taken_at,
-        rgb=rgb,
-    )
+    info = ImageInfo(fmt, content_type, extension, rgb.width, rgb.height, taken_at)
+    return DecodedImage(info=info, rgb=rgb)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from backend.context import AppContext
 from backend.errors import AppError
 from backend.models import Image
-from backend.services.imaging import decode_image, make_thumbnail
+from backend.services.imaging import ImageInfo, decode_image, make_thumbnail
 from backend.services.storage import StagedFile
 from backend.services.vectors import vector_to_blob
 from ml.embedder import ClipEmbedder
@@ -51,12 +51,7 @@ class IngestOutcome:
 class PreparedImage:
     """What the pipeline keeps of a decoded upload: metadata, thumbnail bytes, model input."""
 
-    format: str
-    content_type: str
-    extension: str
-    width: int
-    height: int
-    taken_at: object
+    info: ImageInfo
     thumbnail: bytes
     pixels: torch.Tensor
 
@@ -77,17 +72,7 @@ def prepare_image(path: Path, *, max_pixels: int, thumbnail_size: int | None, em
     """Decode, check, thumbnail (unless size is None) and preprocess one file; runs in the executor."""
     decoded = decode_image(path, max_pixels)
     thumbnail = make_thumbnail(decoded.rgb, thumbnail_size) if thumbnail_size else b""
-    pixels = embedder.preprocess([decoded.rgb])[0]
-    return PreparedImage(
-        format=decoded.format,
-        content_type=decoded.content_type,
-        extension=decoded.extension,
-        width=decoded.width,
-        height=decoded.height,
-        taken_at=decoded.taken_at,
-        thumbnail=thumbnail,
-        pixels=pixels,
-    )
+    return PreparedImage(info=decoded.info, thumbnail=thumbnail, pixels=embedder.preprocess([decoded.rgb])[0])
 
 
 async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[IncomingFile]) -> list[IngestOutcome]:
@@ -178,19 +163,19 @@ async def _commit(
             if already is not None:
                 outcomes[i].image, outcomes[i].duplicate = already, True
                 continue
-            storage_key = ctx.store.original_key(item.sha256, prep.extension)
+            storage_key = ctx.store.original_key(item.sha256, prep.info.extension)
             thumbnail_key = ctx.store.thumbnail_key(item.sha256)
             await ctx.executor.run(ctx.store.commit, item, storage_key)
             await ctx.executor.run(ctx.store.write_atomic, thumbnail_key, prep.thumbnail)
             image = Image(
                 filename=outcomes[i].filename,
-                content_type=prep.content_type,
-                format=prep.format,
-                width=prep.width,
-                height=prep.height,
+                content_type=prep.info.content_type,
+                format=prep.info.format,
+                width=prep.info.width,
+                height=prep.info.height,
+                taken_at=prep.info.taken_at,
                 size_bytes=item.size,
                 sha256=item.sha256,
-                taken_at=prep.taken_at,  # type: ignore[arg-type]
                 embedding_model=embedder.model_name,
                 embedding_dim=int(vectors.shape[1]),
                 embedding=vector_to_blob(vectors[row]),
