@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
 
 
 class AppError(Exception):
@@ -90,6 +87,15 @@ _HTTP_CODES = {
 }
 
 
+def _multipart_code(detail: str) -> str | None:
+    """Starlette's multipart parser reports its limits as plain 400s; give them stable codes."""
+    if detail.startswith("Too many files"):
+        return "too_many_files"
+    if detail.startswith("Too many fields"):
+        return "too_many_fields"
+    return None
+
+
 def error_response(status_code: int, detail: str, code: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status_code, content={"detail": detail, "code": code, **extra})
 
@@ -113,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
+        code = getattr(exc, "code", None) or _multipart_code(str(exc.detail)) or _HTTP_CODES.get(exc.status_code)
         response = error_response(exc.status_code, str(exc.detail), code)
         if exc.headers:
             response.headers.update(exc.headers)
@@ -121,5 +127,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
+        # The server logs the traceback itself (Starlette re-raises after this answer).
         return error_response(500, "internal server error", "internal_error")

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from backend.config import Settings, get_settings
 from backend.context import AppContext
@@ -76,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.dispose()
             executor.shutdown()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc served from the package's own copies, so /docs works without internet.
+    app = FastAPIOffline(
         title=settings.app_name,
         summary="Upload images, find them by a sentence or a look-alike, and sort them into groups.",
         version="0.1.0",
@@ -88,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(
         images.router,
         # Starlette refuses more parts than this while parsing, before the endpoint runs.
-        form_limits={"max_files": settings.max_files_per_request + 1, "max_fields": 16},
+        form_limits={"max_files": settings.max_files_per_request, "max_fields": 16},
     )
     app.include_router(search.router, form_limits={"max_files": 1, "max_fields": 16})
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,11 +54,15 @@ class ClipEmbedder:
     @classmethod
     def load(cls, model_name: str, device: str = "auto", batch_size: int = 32) -> ClipEmbedder:
         """Load by hub id or from a local directory holding a saved model and processor."""
+        looks_local = model_name.startswith(("/", "./", "../", "~")) or Path(model_name).exists()
+        if looks_local and not Path(model_name).expanduser().is_dir():
+            raise FileNotFoundError(f"model directory {model_name} does not exist")
+        source = str(Path(model_name).expanduser()) if looks_local else model_name
         resolved = resolve_device(device)
         dtype = torch.float16 if resolved == "cuda" else torch.float32
-        model = CLIPModel.from_pretrained(model_name, dtype=dtype)
+        model = CLIPModel.from_pretrained(source, dtype=dtype)
         model.to(resolved).eval()
-        processor = AutoProcessor.from_pretrained(model_name)
+        processor = AutoProcessor.from_pretrained(source)
         return cls(
             model_name=model_name,
             device=resolved,

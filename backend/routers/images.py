@@ -1,7 +1,8 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from backend.deps import ContextDep, SessionDep
 from backend.errors import NotFoundError, TooManyFilesError
@@ -18,11 +19,17 @@ from backend.models import (
 from backend.services import catalog, search
 from backend.services.ingest import IncomingFile, IngestOutcome, ingest_files
 
-router = APIRouter(prefix="/images", tags=["images"])
+router = APIRouter(
+    prefix="/images",
+    tags=["images"],
+    responses={422: {"model": ErrorBody, "description": "Invalid parameters"}},
+)
 
-ImageId = Annotated[int, Path(ge=1, description="The image's id.")]
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="The image's id.")]
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No image with this id"}}
 _UPLOAD_ERRORS = {
+    200: {"model": ImageUploaded | UploadBatch, "description": "Only duplicates: nothing new was stored"},
     400: {"model": ErrorBody, "description": "Not an image, empty, corrupt, or too many files"},
     413: {"model": ErrorBody, "description": "A file or the request is larger than the limits"},
     415: {"model": ErrorBody, "description": "An image format outside the allow-list"},
@@ -39,6 +46,7 @@ _UPLOAD_ERRORS = {
     responses=_UPLOAD_ERRORS,
 )
 async def upload_images(
+    request: Request,
     ctx: ContextDep,
     session: SessionDep,
     response: Response,
@@ -46,7 +54,10 @@ async def upload_images(
     files: Annotated[list[UploadFile] | None, File(description="Many images; the answer is per file.")] = None,
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
-    uploads = ([file] if file is not None else []) + list(files or [])
+    # Read the parsed form (cached by FastAPI) so that a repeated `file` field is not silently dropped.
+    form = await request.form()
+    singles = [u for u in form.getlist("file") if isinstance(u, StarletteUploadFile)]
+    uploads = singles + [u for u in form.getlist("files") if isinstance(u, StarletteUploadFile)]
     if not uploads:
         return JSONResponse(
             status_code=422, content={"detail": "send an image in the field `file` or `files`", "code": "no_file"}
@@ -58,7 +69,7 @@ async def upload_images(
         session=session,
         files=[IncomingFile(filename=u.filename or "", source=u.file) for u in uploads],
     )
-    if file is not None and not files:
+    if len(uploads) == 1 and singles:
         outcome = outcomes[0]
         if outcome.error is not None:
             raise outcome.error
@@ -109,7 +120,7 @@ def _batch(outcomes: list[IngestOutcome]) -> UploadBatch:
 @router.get("", response_model=ImagesPublic, summary="List images, newest first")
 async def list_images(
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> ImagesPublic:
     """A page of image records, newest first, with the total count."""

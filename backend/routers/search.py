@@ -3,11 +3,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 
 from backend.deps import ContextDep, SessionDep
+from backend.errors import AppError
 from backend.models import ErrorBody, SearchResults
 from backend.services import search as search_service
 from backend.services.ingest import embed_query_image
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], responses={422: {"model": ErrorBody, "description": "Invalid parameters"}})
 
 MAX_TOP_K = 200
 TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results, best first.")]
@@ -21,10 +22,12 @@ _ERRORS = {
 async def search_text(
     ctx: ContextDep,
     session: SessionDep,
-    q: Annotated[str, Query(min_length=1, max_length=1000, pattern=r"\S", description="What to look for.")],
+    q: Annotated[str, Query(min_length=1, max_length=1000, description="What to look for.")],
     top_k: TopK = 10,
 ) -> SearchResults:
     """Text -> image search: the query's CLIP text vector against every image vector, by cosine."""
+    if not q.strip():
+        raise AppError("q must contain something other than spaces", code="validation_error", status_code=422)
     return await search_service.search_text(ctx=ctx, session=session, query=q.strip(), top_k=top_k)
 
 

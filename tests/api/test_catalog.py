@@ -25,7 +25,7 @@ async def test_list_is_paginated_newest_first(client: httpx.AsyncClient) -> None
     assert (page2["offset"], page2["limit"]) == (2, 2)
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10_000}, {"offset": -1}])
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10_000}, {"offset": -1}, {"offset": 2**64}])
 async def test_list_rejects_bad_paging(client: httpx.AsyncClient, params: dict) -> None:
     response = await client.get("/images", params=params)
     assert response.status_code == 422
@@ -57,6 +57,9 @@ async def test_other_errors_are_json_with_a_code(client: httpx.AsyncClient) -> N
     bad_id = await client.get("/images/abc")
     assert (bad_id.status_code, bad_id.json()["code"]) == (422, "validation_error")
     assert "image_id" in bad_id.json()["detail"]
+    for path in ("/images/9223372036854775808", "/images/9223372036854775808/similar", "/images/0"):
+        huge = await client.get(path)
+        assert (huge.status_code, huge.json()["code"]) == (422, "validation_error"), path
 
 
 async def test_health_reports_model_and_index(client: httpx.AsyncClient, settings) -> None:
@@ -69,6 +72,16 @@ async def test_health_reports_model_and_index(client: httpx.AsyncClient, setting
     assert health["model"]["state"] == "loaded"
     assert health["model"]["loaded"] is True
     assert health["model"]["device"] == "cpu"
+
+
+async def test_docs_work_without_internet(client: httpx.AsyncClient) -> None:
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = (await client.get(page)).text
+        assert "cdn." not in html
+        url = next(part.split('"')[0] for part in html.split('src="')[1:] if asset in part)
+        response = await client.get(url)
+        assert response.status_code == 200, url
+        assert len(response.content) > 100_000
 
 
 async def test_docs_and_schema_describe_every_route(client: httpx.AsyncClient) -> None:
@@ -90,4 +103,8 @@ async def test_docs_and_schema_describe_every_route(client: httpx.AsyncClient) -
     found = {(path, method) for path, ops in schema["paths"].items() for method in ops}
     assert expected <= found
     for path, method in expected:
-        assert schema["paths"][path][method].get("summary"), f"{method} {path} has no summary"
+        operation = schema["paths"][path][method]
+        assert operation.get("summary"), f"{method} {path} has no summary"
+        if "422" in operation["responses"]:
+            ref = operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorBody"), f"{method} {path} documents 422 as {ref}"

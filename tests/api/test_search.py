@@ -52,6 +52,11 @@ async def test_bad_search_parameters_get_422(client: httpx.AsyncClient, params: 
     assert response.json()["detail"]
 
 
+async def test_blank_query_says_why(client: httpx.AsyncClient) -> None:
+    response = await client.get("/search", params={"q": "   "})
+    assert response.json()["detail"] == "q must contain something other than spaces"
+
+
 async def test_search_on_empty_collection_returns_nothing(client: httpx.AsyncClient) -> None:
     response = await client.get("/search", params={"q": "a cat"})
     assert response.status_code == 200

@@ -272,3 +272,47 @@ async def test_chunked_request_over_the_limit_gets_413(run_app: AppRunner, setti
         assert response.json()["code"] == "request_too_large"
         assert (await client.get("/images")).json()["count"] == 0
     assert stored_files(settings.storage_root) == []
+
+
+def corrupt_avif() -> bytes:
+    """A valid AVIF container whose colour planes no longer decode (Pillow raises RuntimeError)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 80), (10, 200, 90)).save(buffer, format="AVIF")
+    data = bytearray(buffer.getvalue())
+    data[-1] ^= 0xFF
+    return bytes(data)
+
+
+async def test_corrupt_avif_is_refused_without_sinking_the_batch(client: httpx.AsyncClient, settings: Settings) -> None:
+    alone = await upload(client, corrupt_avif(), "bad.avif", "image/avif")
+    assert alone.status_code == 400
+    assert alone.json()["code"] == "invalid_image"
+    files = [
+        ("files", ("good.png", make_image_bytes(71, fmt="PNG"), "image/png")),
+        ("files", ("bad.avif", corrupt_avif(), "image/avif")),
+    ]
+    batch = await client.post("/images", files=files)
+    assert batch.status_code == 201
+    assert [item["status"] for item in batch.json()["items"]] == ["created", "failed"]
+    assert (await client.get("/images")).json()["count"] == 1
+
+
+@pytest.mark.parametrize("extra", [1, 4])
+async def test_any_number_of_files_over_the_limit_gets_the_same_code(run_app: AppRunner, extra: int) -> None:
+    async with run_app(max_files_per_request=3) as client:
+        files = [("files", (f"{i}.jpg", make_image_bytes(80 + i), "image/jpeg")) for i in range(3 + extra)]
+        response = await client.post("/images", files=files)
+        assert response.status_code == 400
+        assert response.json()["code"] == "too_many_files"
+        assert (await client.get("/images")).json()["count"] == 0
+
+
+async def test_repeated_file_field_stores_every_file(client: httpx.AsyncClient) -> None:
+    files = [
+        ("file", ("a.jpg", make_image_bytes(90), "image/jpeg")),
+        ("file", ("b.jpg", make_image_bytes(91), "image/jpeg")),
+    ]
+    response = await client.post("/images", files=files)
+    assert response.status_code == 201
+    assert response.json()["created"] == 2
+    assert [item["filename"] for item in response.json()["items"]] == ["a.jpg", "b.jpg"]

@@ -72,7 +72,9 @@ def test_auto_device_falls_back_to_cpu_without_accelerators() -> None:
 
 def test_unknown_model_directory_fails_to_load(tmp_path: Path) -> None:
     with pytest.raises(OSError):
-        ClipEmbedder.load(str(tmp_path), "cpu")
+        ClipEmbedder.load(str(tmp_path), "cpu")  # exists, but holds no model
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ClipEmbedder.load(str(tmp_path / "typo"), "cpu")
 
 
 def test_very_long_images_embed_like_their_centre(embedder: ClipEmbedder) -> None:
