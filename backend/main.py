@@ -87,10 +87,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(
-        images.router,
-        # Starlette refuses more parts than this while parsing, before the endpoint runs.
-        form_limits={"max_files": settings.max_files_per_request, "max_fields": 16},
-    )
+    app.include_router(images.router)
     app.include_router(search.router, form_limits={"max_files": 1, "max_fields": 16})
     return app

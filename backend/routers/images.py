@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
@@ -38,37 +38,59 @@ _UPLOAD_ERRORS = {
 }
 
 
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "One image; the answer is its record.",
+                    },
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "Many images; the answer is per file.",
+                    },
+                },
+            }
+        }
+    },
+}
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ImageUploaded | UploadBatch,
     summary="Upload one image (`file`) or many (`files`)",
     responses=_UPLOAD_ERRORS,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
 )
 async def upload_images(
-    request: Request,
-    ctx: ContextDep,
-    session: SessionDep,
-    response: Response,
-    file: Annotated[UploadFile | None, File(description="One image; the answer is its record.")] = None,
-    files: Annotated[list[UploadFile] | None, File(description="Many images; the answer is per file.")] = None,
+    request: Request, ctx: ContextDep, session: SessionDep, response: Response
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
-    # Read the parsed form (cached by FastAPI) so that a repeated `file` field is not silently dropped.
-    form = await request.form()
-    singles = [u for u in form.getlist("file") if isinstance(u, StarletteUploadFile)]
-    uploads = singles + [u for u in form.getlist("files") if isinstance(u, StarletteUploadFile)]
-    if not uploads:
-        return JSONResponse(
-            status_code=422, content={"detail": "send an image in the field `file` or `files`", "code": "no_file"}
+    # The form is read here rather than through typed File parameters: a repeated `file` field must not be
+    # dropped, and the empty text parts Swagger UI sends for unused fields must not fail validation.
+    limit = ctx.settings.max_files_per_request
+    async with request.form(max_files=limit, max_fields=16) as form:
+        singles = [u for u in form.getlist("file") if isinstance(u, StarletteUploadFile)]
+        uploads = singles + [u for u in form.getlist("files") if isinstance(u, StarletteUploadFile)]
+        if not uploads:
+            return JSONResponse(
+                status_code=422, content={"detail": "send an image in the field `file` or `files`", "code": "no_file"}
+            )
+        if len(uploads) > limit:
+            raise TooManyFilesError(f"{len(uploads)} files sent; at most {limit} per request")
+        outcomes = await ingest_files(
+            ctx=ctx,
+            session=session,
+            files=[IncomingFile(filename=u.filename or "", source=u.file) for u in uploads],
         )
-    if len(uploads) > ctx.settings.max_files_per_request:
-        raise TooManyFilesError(f"{len(uploads)} files sent; at most {ctx.settings.max_files_per_request} per request")
-    outcomes = await ingest_files(
-        ctx=ctx,
-        session=session,
-        files=[IncomingFile(filename=u.filename or "", source=u.file) for u in uploads],
-    )
     if len(uploads) == 1 and singles:
         outcome = outcomes[0]
         if outcome.error is not None:

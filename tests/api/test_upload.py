@@ -316,3 +316,19 @@ async def test_repeated_file_field_stores_every_file(client: httpx.AsyncClient) 
     assert response.status_code == 201
     assert response.json()["created"] == 2
     assert [item["filename"] for item in response.json()["items"]] == ["a.jpg", "b.jpg"]
+
+
+async def test_empty_text_parts_from_swagger_ui_are_ignored(client: httpx.AsyncClient) -> None:
+    # Swagger UI sends an empty text part for a file field left unused.
+    response = await client.post(
+        "/images", data={"files": ""}, files={"file": ("a.jpg", make_image_bytes(95), "image/jpeg")}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["filename"] == "a.jpg"
+
+
+async def test_openapi_offers_file_pickers_for_uploads(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/images"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["file"] == {**body["properties"]["file"], "type": "string", "format": "binary"}
+    assert body["properties"]["files"]["items"] == {"type": "string", "format": "binary"}
