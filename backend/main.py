@@ -88,5 +88,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(images.router)
-    app.include_router(search.router, form_limits={"max_files": 1, "max_fields": 16})
+    app.include_router(search.router)
     return app

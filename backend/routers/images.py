@@ -2,10 +2,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from backend.deps import ContextDep, SessionDep
-from backend.errors import NotFoundError, TooManyFilesError
+from backend.errors import NotFoundError
 from backend.models import (
     ErrorBody,
     ImagePublic,
@@ -16,6 +15,7 @@ from backend.models import (
     UploadError,
     UploadItem,
 )
+from backend.multipart import multipart_body, receive_files
 from backend.services import catalog, search
 from backend.services.ingest import IncomingFile, IngestOutcome, ingest_files
 
@@ -38,60 +38,44 @@ _UPLOAD_ERRORS = {
 }
 
 
-_UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "One image; the answer is its record.",
-                    },
-                    "files": {
-                        "type": "array",
-                        "items": {"type": "string", "format": "binary"},
-                        "description": "Many images; the answer is per file.",
-                    },
-                },
-            }
-        }
-    },
-}
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ImageUploaded | UploadBatch,
     summary="Upload one image (`file`) or many (`files`)",
     responses=_UPLOAD_ERRORS,
-    openapi_extra={"requestBody": _UPLOAD_BODY},
+    openapi_extra=multipart_body(
+        file=(False, "One image; the answer is its record."),
+        files=(True, "Many images; the answer is per file."),
+    ),
 )
 async def upload_images(
     request: Request, ctx: ContextDep, session: SessionDep, response: Response
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
-    # The form is read here rather than through typed File parameters: a repeated `file` field must not be
-    # dropped, and the empty text parts Swagger UI sends for unused fields must not fail validation.
-    limit = ctx.settings.max_files_per_request
-    async with request.form(max_files=limit, max_fields=16) as form:
-        singles = [u for u in form.getlist("file") if isinstance(u, StarletteUploadFile)]
-        uploads = singles + [u for u in form.getlist("files") if isinstance(u, StarletteUploadFile)]
-        if not uploads:
+    await ctx.models.get()  # 503 before the body is read when the model is unavailable
+    async with receive_files(
+        request,
+        store=ctx.store,
+        executor=ctx.executor,
+        fields={"file", "files"},
+        max_files=ctx.settings.max_files_per_request,
+        max_file_bytes=ctx.settings.max_upload_bytes,
+    ) as received:
+        if not received:
             return JSONResponse(
-                status_code=422, content={"detail": "send an image in the field `file` or `files`", "code": "no_file"}
+                status_code=422,
+                content={
+                    "detail": "send images as multipart/form-data in the field `file` or `files`",
+                    "code": "no_file",
+                },
             )
-        if len(uploads) > limit:
-            raise TooManyFilesError(f"{len(uploads)} files sent; at most {limit} per request")
         outcomes = await ingest_files(
             ctx=ctx,
             session=session,
-            files=[IncomingFile(filename=u.filename or "", source=u.file) for u in uploads],
+            files=[IncomingFile(filename=r.filename, staged=r.staged, error=r.error) for r in received],
         )
-    if len(uploads) == 1 and singles:
+    if len(received) == 1 and received[0].field == "file":
         outcome = outcomes[0]
         if outcome.error is not None:
             raise outcome.error

@@ -1,10 +1,11 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 
 from backend.deps import ContextDep, SessionDep
 from backend.errors import AppError
 from backend.models import ErrorBody, SearchResults
+from backend.multipart import multipart_body, receive_files
 from backend.services import search as search_service
 from backend.services.ingest import embed_query_image
 
@@ -36,13 +37,25 @@ async def search_text(
     response_model=SearchResults,
     summary="Find images that look like an uploaded one",
     responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+    openapi_extra=multipart_body(file=(False, "The query image; it is not stored.")),
 )
-async def search_image(
-    ctx: ContextDep,
-    session: SessionDep,
-    file: Annotated[UploadFile, File(description="The query image; it is not stored.")],
-    top_k: TopK = 10,
-) -> SearchResults:
+async def search_image(request: Request, ctx: ContextDep, session: SessionDep, top_k: TopK = 10) -> SearchResults:
     """Image -> image search with a query image that is embedded and then discarded."""
-    vector = await embed_query_image(ctx=ctx, source=file.file)
+    await ctx.models.get()
+    async with receive_files(
+        request,
+        store=ctx.store,
+        executor=ctx.executor,
+        fields={"file"},
+        max_files=1,
+        max_file_bytes=ctx.settings.max_upload_bytes,
+    ) as received:
+        if not received:
+            raise AppError(
+                "send the query image as multipart/form-data in the field `file`", code="no_file", status_code=422
+            )
+        if received[0].error is not None:
+            raise received[0].error
+        assert received[0].staged is not None
+        vector = await embed_query_image(ctx=ctx, staged=received[0].staged)
     return await search_service.search_by_vector(ctx=ctx, session=session, vector=vector, top_k=top_k)

@@ -13,7 +13,6 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -35,8 +34,11 @@ MAX_FILENAME_LENGTH = 255
 
 @dataclass
 class IncomingFile:
+    """A received upload: staged in tmp/ already, or refused while it was received."""
+
     filename: str
-    source: BinaryIO
+    staged: StagedFile | None = None
+    error: AppError | None = None
 
 
 @dataclass
@@ -77,17 +79,10 @@ def prepare_image(path: Path, *, max_pixels: int, thumbnail_size: int | None, em
 
 async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[IncomingFile]) -> list[IngestOutcome]:
     """Ingest a batch; each file succeeds, is a duplicate, or fails on its own."""
-    embedder = await ctx.models.get()  # 503 before anything is read when the model is unavailable
-    settings = ctx.settings
-    outcomes = [IngestOutcome(filename=clean_filename(f.filename)) for f in files]
-    staged: dict[int, StagedFile] = {}
+    embedder = await ctx.models.get()
+    outcomes = [IngestOutcome(filename=clean_filename(f.filename), error=f.error) for f in files]
+    staged = {i: f.staged for i, f in enumerate(files) if f.staged is not None and f.error is None}
     try:
-        for i, incoming in enumerate(files):
-            try:
-                staged[i] = await ctx.executor.run(ctx.store.stage, incoming.source, settings.max_upload_bytes)
-            except AppError as exc:
-                outcomes[i].error = exc
-
         # Bytes already stored, or repeated inside this batch, are not decoded or embedded again.
         existing = await _find_by_sha(session, {s.sha256 for s in staged.values()})
         first_of: dict[str, int] = {}
@@ -203,10 +198,10 @@ async def _commit(
             await ctx.vectors.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
 
 
-async def embed_query_image(*, ctx: AppContext, source: BinaryIO) -> np.ndarray:
-    """Embed an uploaded query image without storing anything; returns one unit vector."""
+async def embed_query_image(*, ctx: AppContext, staged: StagedFile) -> np.ndarray:
+    """Embed a received query image without storing anything; returns one unit vector."""
     embedder = await ctx.models.get()
-    item = await ctx.executor.run(ctx.store.stage, source, ctx.settings.max_upload_bytes)
+    item = staged
     try:
         prep = await ctx.executor.run(
             prepare_image,

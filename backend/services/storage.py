@@ -27,6 +27,49 @@ class StagedFile:
     size: int
 
 
+class StagingWriter:
+    """Receives a file piece by piece: writes, hashes and counts; refuses it past `max_bytes`.
+
+    Synchronous: call it through the executor. On any refusal the temp file is already gone.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None, "write after finish or abort"
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self.abort()
+            raise FileTooLargeError(f"file is larger than the limit of {self.max_bytes} bytes")
+        self._digest.update(data)
+        self._file.write(data)
+
+    def finish(self) -> StagedFile:
+        assert self._file is not None, "finish after finish or abort"
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            if self.size == 0:
+                raise EmptyFileError("file is empty")
+        except BaseException:
+            self.abort()
+            raise
+        return StagedFile(path=self.path, sha256=self._digest.hexdigest(), size=self.size)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
+
+
 class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -51,27 +94,19 @@ class FileStore:
             raise ValueError(f"storage key {key!r} leaves the storage root")
         return path
 
+    def open_staging(self, max_bytes: int) -> StagingWriter:
+        return StagingWriter(self.tmp_dir / f"upload-{uuid.uuid4().hex}", max_bytes)
+
     def stage(self, source: BinaryIO, max_bytes: int) -> StagedFile:
         """Copy `source` to a temp file, hashing and counting; refuse it past `max_bytes`."""
-        digest = hashlib.sha256()
-        size = 0
-        tmp = self.tmp_dir / f"upload-{uuid.uuid4().hex}"
+        writer = self.open_staging(max_bytes)
         try:
-            with open(tmp, "wb") as out:
-                while chunk := source.read(CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise FileTooLargeError(f"file is larger than the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if size == 0:
-                raise EmptyFileError("file is empty")
+            while chunk := source.read(CHUNK):
+                writer.write(chunk)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            writer.abort()
             raise
-        return StagedFile(path=tmp, sha256=digest.hexdigest(), size=size)
+        return writer.finish()
 
     def commit(self, staged: StagedFile, key: str) -> None:
         """Move a staged file to its final key with an atomic rename."""
