@@ -6,7 +6,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from backend.config import Settings
 from backend.context import AppContext
 
 
@@ -19,10 +18,5 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_app_settings(request: Request) -> Settings:
-    return get_context(request).settings
-
-
 ContextDep = Annotated[AppContext, Depends(get_context)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]

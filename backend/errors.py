@@ -88,15 +88,6 @@ _HTTP_CODES = {
 }
 
 
-def _multipart_code(detail: str) -> str | None:
-    """Starlette's multipart parser reports its limits as plain 400s; give them stable codes."""
-    if detail.startswith("Too many files"):
-        return "too_many_files"
-    if detail.startswith("Too many fields"):
-        return "too_many_fields"
-    return None
-
-
 def error_response(status_code: int, detail: str, code: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status_code, content={"detail": detail, "code": code, **extra})
 
@@ -120,7 +111,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or _multipart_code(str(exc.detail)) or _HTTP_CODES.get(exc.status_code)
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code)
         response = error_response(exc.status_code, str(exc.detail), code)
         if exc.headers:
             response.headers.update(exc.headers)

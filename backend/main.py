@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Swagger UI and ReDoc served from the package's own copies, so /docs works without internet.
     app = FastAPIOffline(
         title=settings.app_name,
-        summary="Upload images, find them by a sentence or a look-alike, and sort them into groups.",
+        summary="Upload images and find them again by a sentence or by a look-alike picture.",
         version="0.1.0",
         lifespan=lifespan,
     )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -152,14 +152,14 @@ async def _parse(
     executor: Executor,
     max_file_bytes: int,
 ) -> None:
-    parser = MultipartParser(boundary, _callbacks(collector))  # type: ignore[arg-type]
     try:
+        parser = MultipartParser(boundary, _callbacks(collector))  # type: ignore[arg-type]
         async for chunk in request.stream():
             parser.write(chunk)
             await _apply(collector, store, executor, max_file_bytes)
         parser.finalize()
         await _apply(collector, store, executor, max_file_bytes)
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # a bad boundary, broken framing, oversized part headers
         raise AppError(f"malformed multipart body: {exc}", code="malformed_multipart") from exc
     for received in collector.files:
         if received.staged is None and received.error is None:

@@ -122,7 +122,7 @@ class VectorIndex:
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
 
-    def reset(self, ids: np.ndarray, vectors: np.ndarray, dim: int | None) -> None:
+    def reset(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the whole content at once (used by rebuilds)."""
         fresh = None
         if len(ids):
@@ -130,8 +130,6 @@ class VectorIndex:
             fresh.add_with_ids(
                 np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
             )
-        elif dim is not None:
-            fresh = self._new(dim)
         with self._lock.write():
             self._index = fresh
 
@@ -143,13 +141,22 @@ class VectorIndex:
                 path.unlink(missing_ok=True)
                 return
             data = faiss.serialize_index(self._index)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = _temp_path(path)
         with open(tmp, "wb") as handle:
             handle.write(data.tobytes())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+
+    @staticmethod
+    def remove_leftovers(path: Path) -> int:
+        """Delete temp files that a save killed half-way left beside `path`."""
+        removed = 0
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     @classmethod
     def load(cls, path: Path) -> VectorIndex:
@@ -163,6 +170,10 @@ class VectorIndex:
         index = cls()
         index._index = loaded
         return index
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 
 from backend.deps import ContextDep, SessionDep
-from backend.errors import NotFoundError
+from backend.errors import AppError, NotFoundError
 from backend.models import (
     ErrorBody,
     ImagePublic,
@@ -53,7 +53,7 @@ async def upload_images(
     request: Request, ctx: ContextDep, session: SessionDep, response: Response
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
-    await ctx.models.get()  # 503 before the body is read when the model is unavailable
+    await ctx.models.get()  # 503 before the body is read when the model is unavailable (ingest asks again)
     async with receive_files(
         request,
         store=ctx.store,
@@ -63,12 +63,8 @@ async def upload_images(
         max_file_bytes=ctx.settings.max_upload_bytes,
     ) as received:
         if not received:
-            return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": "send images as multipart/form-data in the field `file` or `files`",
-                    "code": "no_file",
-                },
+            raise AppError(
+                "send images as multipart/form-data in the field `file` or `files`", code="no_file", status_code=422
             )
         outcomes = await ingest_files(
             ctx=ctx,

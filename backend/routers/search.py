@@ -41,7 +41,7 @@ async def search_text(
 )
 async def search_image(request: Request, ctx: ContextDep, session: SessionDep, top_k: TopK = 10) -> SearchResults:
     """Image -> image search with a query image that is embedded and then discarded."""
-    await ctx.models.get()
+    await ctx.models.get()  # 503 before the body is read when the model is unavailable
     async with receive_files(
         request,
         store=ctx.store,

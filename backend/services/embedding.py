@@ -47,10 +47,6 @@ class ModelService:
     def device(self) -> str | None:
         return self._embedder.device if self._embedder else None
 
-    @property
-    def dim(self) -> int | None:
-        return self._embedder.dim if self._embedder else None
-
     def start_loading(self) -> None:
         if self._embedder is None and (self._task is None or self._task.done()):
             self._error = None

@@ -32,8 +32,6 @@ ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
     "HEIF": ("image/heic", "heic"),
     "AVIF": ("image/avif", "avif"),
 }
-# Pillow's plugins signal malformed data with many exception types; all of them mean "bad file".
-_DECODE_ERRORS = (Exception,)
 _EXIF_DATETIME_ORIGINAL = 0x9003
 
 
@@ -69,7 +67,7 @@ def decode_image(path: Path, max_pixels: int) -> DecodedImage:
             raise InvalidImageError("file is not a recognised image") from exc
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"image has more than {max_pixels} pixels") from exc
-        except _DECODE_ERRORS as exc:
+        except Exception as exc:  # Pillow's plugins signal malformed data with many exception types
             raise InvalidImageError(f"image could not be read: {_short(exc)}") from exc
         with image:
             fmt = image.format or ""
@@ -91,7 +89,7 @@ def decode_image(path: Path, max_pixels: int) -> DecodedImage:
                 rgb = to_rgb(oriented)
             except Image.DecompressionBombError as exc:
                 raise ImageTooLargeError(f"image has more than {max_pixels} pixels") from exc
-            except _DECODE_ERRORS as exc:
+            except Exception as exc:
                 raise InvalidImageError(f"image data is truncated or corrupt: {_short(exc)}") from exc
     content_type, extension = ALLOWED_FORMATS[fmt]
     info = ImageInfo(fmt, content_type, extension, rgb.width, rgb.height, taken_at)
@@ -132,7 +130,7 @@ def _taken_at(image: Image.Image) -> datetime | None:
     try:
         exif = image.getexif()
         raw = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME_ORIGINAL)
-    except _DECODE_ERRORS:
+    except Exception:  # a damaged EXIF block only loses the date
         return None
     if not isinstance(raw, str):
         return None

@@ -78,37 +78,43 @@ def prepare_image(path: Path, *, max_pixels: int, thumbnail_size: int | None, em
 
 
 async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[IncomingFile]) -> list[IngestOutcome]:
-    """Ingest a batch; each file succeeds, is a duplicate, or fails on its own."""
+    """Ingest a batch of staged files; each succeeds, is a duplicate, or fails on its own.
+
+    The caller owns the staged files: whatever is not moved into place stays in tmp/ for it to remove.
+    """
     embedder = await ctx.models.get()
     outcomes = [IngestOutcome(filename=clean_filename(f.filename), error=f.error) for f in files]
     staged = {i: f.staged for i, f in enumerate(files) if f.staged is not None and f.error is None}
-    try:
-        # Bytes already stored, or repeated inside this batch, are not decoded or embedded again.
-        existing = await _find_by_sha(session, {s.sha256 for s in staged.values()})
-        first_of: dict[str, int] = {}
-        repeats: dict[int, int] = {}
-        for i, item in staged.items():
-            if item.sha256 in existing:
-                outcomes[i].image, outcomes[i].duplicate = existing[item.sha256], True
-            elif item.sha256 in first_of:
-                repeats[i] = first_of[item.sha256]
-            else:
-                first_of[item.sha256] = i
+    if not staged:
+        return outcomes
 
-        prepared = await _prepare_all(ctx, embedder, {i: staged[i] for i in first_of.values()}, outcomes)
-        if prepared:
-            order = sorted(prepared)
-            vectors = await ctx.executor.run(embedder.embed_pixels, torch.stack([prepared[i].pixels for i in order]))
-            await _commit(ctx, session, embedder, order, staged, prepared, vectors, outcomes)
+    # Bytes already stored, or repeated inside this batch, skip decoding and embedding.
+    known = await _find_by_sha(session, {item.sha256 for item in staged.values()})
+    await session.commit()  # end the read: no connection is held while images decode and embed
+    first_of: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    for i, item in staged.items():
+        if item.sha256 in first_of:
+            repeats[i] = first_of[item.sha256]
+        else:
+            first_of[item.sha256] = i
+    to_prepare = {i: staged[i] for i in first_of.values() if staged[i].sha256 not in known}
+    prepared = await _prepare_all(ctx, embedder, to_prepare, outcomes)
+    order = sorted(prepared)
+    vectors = await ctx.executor.run(_embed_prepared, embedder, [prepared[i].pixels for i in order])
+    await _commit(ctx, session, embedder, list(first_of.values()), staged, prepared, order, vectors, outcomes)
 
-        for i, first in repeats.items():
-            outcomes[i].image = outcomes[first].image
-            outcomes[i].duplicate = outcomes[first].image is not None
-            outcomes[i].error = outcomes[first].error
-    finally:
-        for item in staged.values():
-            await ctx.executor.run(ctx.store.discard, item)  # no-op for committed files (already moved)
+    for i, first in repeats.items():
+        outcomes[i].image = outcomes[first].image
+        outcomes[i].duplicate = outcomes[first].image is not None
+        outcomes[i].error = outcomes[first].error
     return outcomes
+
+
+def _embed_prepared(embedder: ClipEmbedder, pixels: list[torch.Tensor]) -> np.ndarray:
+    if not pixels:
+        return np.empty((0, embedder.dim), dtype=np.float32)
+    return embedder.embed_pixels(torch.stack(pixels))
 
 
 async def _find_by_sha(session: AsyncSession, hashes: set[str]) -> dict[str, Image]:
@@ -142,75 +148,113 @@ async def _commit(
     ctx: AppContext,
     session: AsyncSession,
     embedder: ClipEmbedder,
-    order: list[int],
+    firsts: list[int],
     staged: dict[int, StagedFile],
     prepared: dict[int, PreparedImage],
+    order: list[int],
     vectors: np.ndarray,
     outcomes: list[IngestOutcome],
 ) -> None:
+    """Under the write lock: settle duplicates against the current rows, then store the new images."""
     new_ids: list[int] = []
     new_vectors: list[np.ndarray] = []
     async with ctx.write_lock:
-        for row, i in enumerate(order):
-            item, prep = staged[i], prepared[i]
-            # Checked again under the lock: another request may have stored these bytes meanwhile.
-            already = (await _find_by_sha(session, {item.sha256})).get(item.sha256)
-            if already is not None:
-                outcomes[i].image, outcomes[i].duplicate = already, True
-                continue
-            storage_key = ctx.store.original_key(item.sha256, prep.info.extension)
-            thumbnail_key = ctx.store.thumbnail_key(item.sha256)
-            await ctx.executor.run(ctx.store.commit, item, storage_key)
-            await ctx.executor.run(ctx.store.write_atomic, thumbnail_key, prep.thumbnail)
-            image = Image(
-                filename=outcomes[i].filename,
-                content_type=prep.info.content_type,
-                format=prep.info.format,
-                width=prep.info.width,
-                height=prep.info.height,
-                taken_at=prep.info.taken_at,
-                size_bytes=item.size,
-                sha256=item.sha256,
-                embedding_model=embedder.model_name,
-                embedding_dim=int(vectors.shape[1]),
-                embedding=vector_to_blob(vectors[row]),
-                storage_key=storage_key,
-                thumbnail_key=thumbnail_key,
-            )
-            session.add(image)
-            try:
-                await session.commit()
-            except IntegrityError:
-                # Another process stored the same bytes: the file at the key is identical, keep it.
-                await session.rollback()
-                outcomes[i].image = (await _find_by_sha(session, {item.sha256}))[item.sha256]
-                outcomes[i].duplicate = True
-                continue
-            except BaseException:
-                await session.rollback()
-                await ctx.executor.run(ctx.store.delete, storage_key, thumbnail_key)
-                raise
-            outcomes[i].image = image
-            assert image.id is not None
-            new_ids.append(image.id)
-            new_vectors.append(vectors[row])
-        if new_ids:
-            await ctx.vectors.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+        try:
+            # Checked again under the lock: a delete or another upload may have run meanwhile.
+            current = await _find_by_sha(session, {staged[i].sha256 for i in firsts})
+            for i in firsts:
+                if i in prepared or outcomes[i].error is not None:
+                    continue
+                existing = current.get(staged[i].sha256)
+                if existing is None:
+                    outcomes[i].error = AppError(
+                        "an image with these bytes was deleted while this upload ran; send it again",
+                        code="deleted_meanwhile",
+                        status_code=409,
+                    )
+                else:
+                    outcomes[i].image, outcomes[i].duplicate = existing, True
+            for row, i in enumerate(order):
+                item = staged[i]
+                if item.sha256 in current:
+                    outcomes[i].image, outcomes[i].duplicate = current[item.sha256], True
+                    continue
+                try:
+                    image = await _store_one(
+                        ctx, session, embedder, item, prepared[i], vectors[row], outcomes[i].filename
+                    )
+                except IntegrityError:
+                    # Another process stored the same bytes: the file at the key is identical, keep it.
+                    outcomes[i].image = (await _find_by_sha(session, {item.sha256}))[item.sha256]
+                    outcomes[i].duplicate = True
+                    continue
+                except Exception as exc:  # disk full, I/O error: this image fails, the batch goes on
+                    log.exception("could not store %s", outcomes[i].filename)
+                    outcomes[i].error = AppError(
+                        f"the image could not be stored: {type(exc).__name__}", code="storage_error", status_code=500
+                    )
+                    continue
+                outcomes[i].image = image
+                assert image.id is not None
+                new_ids.append(image.id)
+                new_vectors.append(vectors[row])
+            await session.commit()
+        finally:
+            # Rows that were committed are searchable even when a later image in the batch failed.
+            if new_ids:
+                await ctx.vectors.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+
+
+async def _store_one(
+    ctx: AppContext,
+    session: AsyncSession,
+    embedder: ClipEmbedder,
+    item: StagedFile,
+    prep: PreparedImage,
+    vector: np.ndarray,
+    filename: str,
+) -> Image:
+    """File, thumbnail, then row. Called under the write lock with no row holding these bytes."""
+    storage_key = ctx.store.original_key(item.sha256, prep.info.extension)
+    thumbnail_key = ctx.store.thumbnail_key(item.sha256)
+    image = Image(
+        filename=filename,
+        content_type=prep.info.content_type,
+        format=prep.info.format,
+        width=prep.info.width,
+        height=prep.info.height,
+        taken_at=prep.info.taken_at,
+        size_bytes=item.size,
+        sha256=item.sha256,
+        embedding_model=embedder.model_name,
+        embedding_dim=int(vector.shape[0]),
+        embedding=vector_to_blob(vector),
+        storage_key=storage_key,
+        thumbnail_key=thumbnail_key,
+    )
+    try:
+        await ctx.executor.run(ctx.store.commit, item, storage_key)
+        await ctx.executor.run(ctx.store.write_atomic, thumbnail_key, prep.thumbnail)
+        session.add(image)
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise
+    except BaseException:
+        await session.rollback()
+        await ctx.executor.run(ctx.store.delete, storage_key, thumbnail_key)
+        raise
+    return image
 
 
 async def embed_query_image(*, ctx: AppContext, staged: StagedFile) -> np.ndarray:
     """Embed a received query image without storing anything; returns one unit vector."""
     embedder = await ctx.models.get()
-    item = staged
-    try:
-        prep = await ctx.executor.run(
-            prepare_image,
-            item.path,
-            max_pixels=ctx.settings.max_image_pixels,
-            thumbnail_size=None,
-            embedder=embedder,
-        )
-    finally:
-        await ctx.executor.run(ctx.store.discard, item)
-    vectors = await ctx.executor.run(embedder.embed_pixels, prep.pixels.unsqueeze(0))
-    return vectors[0]
+    prep = await ctx.executor.run(
+        prepare_image,
+        staged.path,
+        max_pixels=ctx.settings.max_image_pixels,
+        thumbnail_size=None,
+        embedder=embedder,
+    )
+    return (await ctx.executor.run(_embed_prepared, embedder, [prep.pixels]))[0]

@@ -15,8 +15,6 @@ from typing import BinaryIO
 from backend.errors import EmptyFileError, FileTooLargeError
 from ml.index import fsync_dir
 
-CHUNK = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class StagedFile:
@@ -96,17 +94,6 @@ class FileStore:
 
     def open_staging(self, max_bytes: int) -> StagingWriter:
         return StagingWriter(self.tmp_dir / f"upload-{uuid.uuid4().hex}", max_bytes)
-
-    def stage(self, source: BinaryIO, max_bytes: int) -> StagedFile:
-        """Copy `source` to a temp file, hashing and counting; refuse it past `max_bytes`."""
-        writer = self.open_staging(max_bytes)
-        try:
-            while chunk := source.read(CHUNK):
-                writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.finish()
 
     def commit(self, staged: StagedFile, key: str) -> None:
         """Move a staged file to its final key with an atomic rename."""

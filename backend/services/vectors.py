@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -46,8 +45,10 @@ class IndexService:
         self._save_lock = asyncio.Lock()
         self._autosave: asyncio.Task[None] | None = None
 
-    async def load_or_rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> Literal["loaded", "rebuilt"]:
+    async def load_or_rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """Use the saved index when it holds exactly the database's ids; otherwise rebuild it from SQLite."""
+        if VectorIndex.remove_leftovers(self.path):
+            log.info("removed temp files of an index save that did not finish")
         async with sessions() as session:
             db_ids = np.array(
                 (await session.exec(select(Image.id).where(Image.embedding_model == self.model_name))).all(),
@@ -61,7 +62,7 @@ class IndexService:
                 if np.array_equal(file_ids, db_ids):
                     self.index = loaded
                     log.info("loaded index %s with %d vectors", self.path.name, len(loaded))
-                    return "loaded"
+                    return
                 log.warning(
                     "index %s disagrees with the database (%d vs %d ids): rebuilding",
                     self.path.name,
@@ -73,7 +74,6 @@ class IndexService:
         else:
             log.info("no index file at %s: building it from the database", self.path)
         await self.rebuild(sessions)
-        return "rebuilt"
 
     async def rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         ids: list[np.ndarray] = []
@@ -96,7 +96,7 @@ class IndexService:
                 last_id = int(rows[-1][0])
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         all_vectors = np.concatenate(vectors) if vectors else np.empty((0, 0), dtype=np.float32)
-        await self._executor.run(self.index.reset, all_ids, all_vectors, None)
+        await self._executor.run(self.index.reset, all_ids, all_vectors)
         self._dirty = True
         await self.save()
         log.info("rebuilt index %s with %d vectors", self.path.name, len(all_ids))

@@ -115,3 +115,15 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
         assert not list((settings.storage_root / "tmp").iterdir())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client:
             assert (await client.get("/images")).json()["count"] == 0
+
+
+async def test_overlong_boundary_is_a_400(client: httpx.AsyncClient) -> None:
+    boundary = "b" * 300
+    content = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\nx\r\n--{boundary}--\r\n'
+    )
+    for path in ("/images", "/search/image"):
+        response = await client.post(
+            path, content=content.encode(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+        )
+        assert (response.status_code, response.json()["code"]) == (400, "malformed_multipart"), path

@@ -93,22 +93,29 @@ def test_clean_filename_bounds_length_and_keeps_extension() -> None:
     assert name.endswith(".jpeg")
 
 
-def test_stage_hashes_counts_and_syncs(tmp_path: Path) -> None:
+def test_staging_writer_hashes_and_counts_across_chunks(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     store.ensure_dirs()
-    data = b"x" * 3_000_000
-    staged = store.stage(io.BytesIO(data), max_bytes=len(data))
+    data = bytes(range(256)) * 12_000
+    writer = store.open_staging(max_bytes=len(data))
+    for start in range(0, len(data), 65_536):
+        writer.write(data[start : start + 65_536])
+    staged = writer.finish()
     assert staged.sha256 == hashlib.sha256(data).hexdigest()
     assert staged.size == len(data)
     assert staged.path.read_bytes() == data
+    assert staged.path.parent == store.tmp_dir
 
 
 @pytest.mark.parametrize(("data", "error"), [(b"x" * 101, FileTooLargeError), (b"", EmptyFileError)])
-def test_stage_refusal_leaves_no_temp_file(tmp_path: Path, data: bytes, error: type[Exception]) -> None:
+def test_staging_refusal_leaves_no_temp_file(tmp_path: Path, data: bytes, error: type[Exception]) -> None:
     store = FileStore(tmp_path)
     store.ensure_dirs()
+    writer = store.open_staging(max_bytes=100)
     with pytest.raises(error):
-        store.stage(io.BytesIO(data), max_bytes=100)
+        writer.write(data[:60])
+        writer.write(data[60:])
+        writer.finish()
     assert list(store.tmp_dir.iterdir()) == []
 
 

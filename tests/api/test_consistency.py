@@ -1,0 +1,101 @@
+"""Races and partial failures: the database, the files and the index stay in step."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+
+import backend.services.ingest as ingest
+from backend.config import Settings
+from backend.services.storage import FileStore
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, stored_files
+
+
+async def test_upload_racing_a_delete_never_reports_a_deleted_image(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = make_image_bytes(1)
+    first = (await client.post("/images", files={"file": ("old.jpg", old, "image/jpeg")})).json()
+    entered, release = threading.Event(), threading.Event()
+    real_prepare = ingest.prepare_image
+
+    def slow_prepare(path, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+        return real_prepare(path, **kwargs)
+
+    monkeypatch.setattr(ingest, "prepare_image", slow_prepare)
+    files = [("files", ("old.jpg", old, "image/jpeg")), ("files", ("new.jpg", make_image_bytes(2), "image/jpeg"))]
+    upload = asyncio.create_task(client.post("/images", files=files))
+    await asyncio.to_thread(entered.wait, 10)
+    assert (await client.delete(f"/images/{first['id']}")).status_code == 204
+    release.set()
+    body = (await upload).json()
+
+    old_item, new_item = body["items"]
+    assert old_item["status"] == "failed"
+    assert old_item["error"]["code"] == "deleted_meanwhile"
+    assert old_item["error"]["status"] == 409
+    assert new_item["status"] == "created"
+    listing = (await client.get("/images")).json()
+    assert [image["filename"] for image in listing["data"]] == ["new.jpg"]
+
+
+async def test_storage_failure_mid_batch_keeps_the_rest_consistent(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_write = FileStore.write_atomic
+
+    def flaky_write(self: FileStore, key: str, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real_write(self, key, data)
+
+    monkeypatch.setattr(FileStore, "write_atomic", flaky_write)
+    files = [("files", (f"{i}.jpg", make_image_bytes(10 + i), "image/jpeg")) for i in range(3)]
+    response = await client.post("/images", files=files)
+    assert response.status_code == 201
+    items = response.json()["items"]
+    assert [item["status"] for item in items] == ["created", "failed", "created"]
+    assert items[1]["error"] == {
+        "status": 500,
+        "code": "storage_error",
+        "detail": "the image could not be stored: OSError",
+    }
+    health = (await client.get("/health")).json()
+    assert health["images"] == health["index"]["size"] == 2
+    search = (await client.get("/search", params={"q": "x", "top_k": 10})).json()
+    assert sorted(hit["image"]["filename"] for hit in search["results"]) == ["0.jpg", "2.jpg"]
+    originals = [p for p in stored_files(settings.storage_root) if "originals" in p.parts]
+    assert len(originals) == 2
+    assert not list((settings.storage_root / "tmp").iterdir())
+
+
+async def test_clean_restart_loads_the_saved_index_instead_of_rebuilding(
+    run_app: AppRunner, settings: Settings
+) -> None:
+    async with run_app() as client:
+        files = [("files", (f"{i}.jpg", make_image_bytes(20 + i), "image/jpeg")) for i in range(3)]
+        await client.post("/images", files=files)
+    (index_file,) = (settings.storage_root / "index").glob("*.index")
+    before = index_file.stat().st_ino
+    async with run_app() as client:
+        assert (await client.get("/health")).json()["index"]["size"] == 3
+    assert index_file.stat().st_ino == before  # a rebuild would have saved a new file
+
+
+async def test_temp_files_of_an_interrupted_index_save_are_removed(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app() as client:
+        await client.post("/images", files={"file": ("a.jpg", make_image_bytes(30), "image/jpeg")})
+    (index_file,) = (settings.storage_root / "index").glob("*.index")
+    leftover = index_file.with_name(f".{index_file.name}.999.123.tmp")
+    leftover.write_bytes(b"half a save")
+    async with run_app() as client:
+        assert (await client.get("/health")).json()["index"]["size"] == 1
+    assert not leftover.exists()
