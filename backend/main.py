@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +21,7 @@ from backend.limits import BodySizeLimitMiddleware
 from backend.routers import health, images, search
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
+from backend.services.maintenance import sweep_in_background
 from backend.services.storage import FileStore
 from backend.services.vectors import IndexService
 
@@ -60,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         vectors.start_autosave()
         if settings.clip_preload:
             models.start_loading()
-        app.state.ctx = AppContext(
+        app.state.ctx = ctx = AppContext(
             settings=settings,
             executor=executor,
             engine=engine,
@@ -69,9 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models=models,
             vectors=vectors,
         )
+        app.state.sweep = asyncio.create_task(sweep_in_background(ctx), name="sweep-orphan-files")
         try:
             yield
         finally:
+            app.state.sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app.state.sweep
             await models.close()
             await vectors.close()
             await engine.dispose()

@@ -99,3 +99,27 @@ async def test_temp_files_of_an_interrupted_index_save_are_removed(run_app: AppR
     async with run_app() as client:
         assert (await client.get("/health")).json()["index"]["size"] == 1
     assert not leftover.exists()
+
+
+async def test_files_no_record_references_are_swept_at_startup(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app() as client:
+        kept = (await client.post("/images", files={"file": ("a.jpg", make_image_bytes(40), "image/jpeg")})).json()
+    # What a crash between placing the files and committing the row leaves behind:
+    ghost = "ab" + "0" * 62
+    orphan = settings.storage_root / "originals" / "ab" / f"{ghost}.jpg"
+    orphan_thumb = settings.storage_root / "thumbnails" / "ab" / f"{ghost}.jpg"
+    for path in (orphan, orphan_thumb):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(make_image_bytes(41))
+    unrelated = settings.storage_root / "originals" / "notes.txt"
+    unrelated.write_text("not ours to judge")
+
+    async with run_app() as client:
+        for _ in range(200):
+            if not orphan.exists() and not orphan_thumb.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not orphan.exists() and not orphan_thumb.exists()
+        assert (await client.get(kept["file_url"])).status_code == 200
+        assert (await client.get(kept["thumbnail_url"])).status_code == 200
+    assert unrelated.exists()
