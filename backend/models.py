@@ -117,3 +117,9 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     detail: str
     code: str
+
+
+# Documents the 422 every route with parameters can answer (the default schema is FastAPI's, not ours).
+VALIDATION_ERROR_RESPONSE: dict[int | str, dict[str, object]] = {
+    422: {"model": ErrorBody, "description": "Invalid parameters"}
+}

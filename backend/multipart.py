@@ -16,7 +16,8 @@ from starlette.requests import Request
 
 from backend.errors import AppError, TooManyFilesError
 from backend.executor import Executor
-from backend.services.storage import FileStore, StagedFile, StagingWriter
+from backend.services.ingest import IncomingFile
+from backend.services.storage import FileStore, StagingWriter
 
 MAX_TEXT_FIELDS = 16
 
@@ -39,13 +40,10 @@ def multipart_body(*, required: bool = True, **fields: tuple[bool, str]) -> dict
 
 
 @dataclass
-class ReceivedFile:
-    """One file part: staged on disk, or refused with the reason."""
+class ReceivedFile(IncomingFile):
+    """An IncomingFile for the ingest service, plus the form field it came in and its open writer."""
 
-    field: str
-    filename: str
-    staged: StagedFile | None = None
-    error: AppError | None = None
+    form_field: str = ""
     writer: StagingWriter | None = field(default=None, repr=False)
 
 
@@ -97,7 +95,9 @@ class _Collector:
         if self.file_parts > self.max_files:
             raise TooManyFilesError(f"more than {self.max_files} files in one request")
         if name in self.wanted:
-            received = ReceivedFile(field=name, filename=options[b"filename"].decode(self.charset, errors="replace"))
+            received = ReceivedFile(
+                form_field=name, filename=options[b"filename"].decode(self.charset, errors="replace")
+            )
             self.files.append(received)
             self.part.target = received
             self.events.append(("open", received, b""))

@@ -6,6 +6,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from backend.deps import ContextDep, SessionDep
 from backend.errors import AppError, NotFoundError
 from backend.models import (
+    VALIDATION_ERROR_RESPONSE,
     ErrorBody,
     ImagePublic,
     ImagesPublic,
@@ -17,12 +18,12 @@ from backend.models import (
 )
 from backend.multipart import multipart_body, receive_files
 from backend.services import catalog, search
-from backend.services.ingest import IncomingFile, IngestOutcome, ingest_files
+from backend.services.ingest import IngestOutcome, ingest_files
 
 router = APIRouter(
     prefix="/images",
     tags=["images"],
-    responses={422: {"model": ErrorBody, "description": "Invalid parameters"}},
+    responses=VALIDATION_ERROR_RESPONSE,
 )
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range
@@ -69,9 +70,9 @@ async def upload_images(
         outcomes = await ingest_files(
             ctx=ctx,
             session=session,
-            files=[IncomingFile(filename=r.filename, staged=r.staged, error=r.error) for r in received],
+            files=list(received),
         )
-    if len(received) == 1 and received[0].field == "file":
+    if len(received) == 1 and received[0].form_field == "file":
         outcome = outcomes[0]
         if outcome.error is not None:
             raise outcome.error

@@ -4,17 +4,16 @@ from fastapi import APIRouter, Query, Request
 
 from backend.deps import ContextDep, SessionDep
 from backend.errors import AppError
-from backend.models import ErrorBody, SearchResults
+from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, SearchResults
 from backend.multipart import multipart_body, receive_files
 from backend.services import search as search_service
 from backend.services.ingest import embed_query_image
 
-router = APIRouter(tags=["search"], responses={422: {"model": ErrorBody, "description": "Invalid parameters"}})
+router = APIRouter(tags=["search"], responses=VALIDATION_ERROR_RESPONSE)
 
 MAX_TOP_K = 200
 TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results, best first.")]
 _ERRORS = {
-    422: {"model": ErrorBody, "description": "Invalid parameters"},
     503: {"model": ErrorBody, "description": "The CLIP model is not available"},
 }
 
