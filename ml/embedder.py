@@ -9,11 +9,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor, CLIPModel, PreTrainedModel
 
 # CLIP's text tower has 77 positions; queries are padded only to the longest in the batch.
 MAX_TEXT_TOKENS = 77
@@ -36,6 +37,26 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+PreTrained = TypeVar("PreTrained", bound=PreTrainedModel)
+
+
+def load_pretrained(model_class: type[PreTrained], model_name: str, device: str) -> tuple[PreTrained, object, str]:
+    """(model in eval mode on its device, processor, device) by hub id or from a local directory.
+
+    A name that looks like a path must be an existing directory (FileNotFoundError otherwise), so a typo
+    is not sent to the hub. fp16 on CUDA, fp32 elsewhere.
+    """
+    looks_local = model_name.startswith(("/", "./", "../", "~")) or Path(model_name).exists()
+    if looks_local and not Path(model_name).expanduser().is_dir():
+        raise FileNotFoundError(f"model directory {model_name} does not exist")
+    source = str(Path(model_name).expanduser()) if looks_local else model_name
+    resolved = resolve_device(device)
+    dtype = torch.float16 if resolved == "cuda" else torch.float32
+    model = model_class.from_pretrained(source, dtype=dtype)
+    model.to(resolved).eval()
+    return model, AutoProcessor.from_pretrained(source), resolved
+
+
 @dataclass
 class ClipEmbedder:
     """A loaded CLIP model with its processor; all vectors come out L2-normalised float32."""
@@ -54,15 +75,7 @@ class ClipEmbedder:
     @classmethod
     def load(cls, model_name: str, device: str = "auto", batch_size: int = 32) -> ClipEmbedder:
         """Load by hub id or from a local directory holding a saved model and processor."""
-        looks_local = model_name.startswith(("/", "./", "../", "~")) or Path(model_name).exists()
-        if looks_local and not Path(model_name).expanduser().is_dir():
-            raise FileNotFoundError(f"model directory {model_name} does not exist")
-        source = str(Path(model_name).expanduser()) if looks_local else model_name
-        resolved = resolve_device(device)
-        dtype = torch.float16 if resolved == "cuda" else torch.float32
-        model = CLIPModel.from_pretrained(source, dtype=dtype)
-        model.to(resolved).eval()
-        processor = AutoProcessor.from_pretrained(source)
+        model, processor, resolved = load_pretrained(CLIPModel, model_name, device)
         return cls(
             model_name=model_name,
             device=resolved,

@@ -85,6 +85,15 @@ class VectorIndex:
                 return np.empty(0, dtype=np.int64)
             return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) pair at this moment, as (n,) int64 and (n, dim) float32 arrays."""
+        with self._lock.read():
+            if self._index is None or self._index.ntotal == 0:
+                return np.empty(0, dtype=np.int64), np.empty((0, self.dim or 0), dtype=np.float32)
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            vectors = self._index.index.reconstruct_n(0, self._index.ntotal)
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under ids; an id already present is replaced, never duplicated."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
