@@ -2,10 +2,12 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 class Settings(BaseSettings):
@@ -19,7 +21,7 @@ class Settings(BaseSettings):
     database_url: str = ""
 
     clip_model_name: str = "openai/clip-vit-base-patch32"
-    clip_device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    clip_device: Device = "auto"
     # Load the model while the app starts (in the background); false loads it on first use.
     clip_preload: bool = True
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
@@ -34,6 +36,50 @@ class Settings(BaseSettings):
     index_save_interval: float = Field(default=5.0, ge=0.0)
     # Worker threads for model, FAISS, decoding and hashing; 0 means the number of cores.
     executor_workers: int = Field(default=0, ge=0, le=64)
+
+    # Clustering: k when a request gives none (a number, or "auto" to choose it by silhouette).
+    kmeans_clusters: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = 8
+    kmeans_batch_size: int = Field(default=1024, ge=16, le=100_000)
+    cluster_seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # Largest k that k=auto tries.
+    cluster_k_max: int = Field(default=20, ge=2, le=200)
+    # Images per cluster that BLIP captions and that the API shows as its representatives.
+    cluster_representatives: int = Field(default=4, ge=1, le=20)
+    # Finished clustering runs kept in the database (older ones are deleted).
+    cluster_runs_kept: int = Field(default=10, ge=1, le=1000)
+
+    # BLIP captioning model: hub id or local directory; loaded on first use.
+    blip_model_name: str = "Salesforce/blip-image-captioning-base"
+    blip_device: Device = "auto"
+    caption_batch_size: int = Field(default=8, ge=1, le=256)
+    caption_max_tokens: int = Field(default=30, ge=1, le=200)
+    # Caption every new image in a background job after it is stored (about 2 s per image on a CPU).
+    caption_on_upload: bool = False
+
+    # Zero-shot tags: comma-separated vocabulary (empty = the built-in list of everyday subjects and scenes).
+    tag_vocabulary: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tags_per_image: int = Field(default=3, ge=0, le=50)
+    # Smallest share of the softmax over the vocabulary for a tag to be kept.
+    tag_min_score: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    # Folders POST /images/import may read from (comma-separated); empty disables folder import.
+    import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Browser origins allowed to call the API (comma-separated, or * for any); empty = same origin only.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Background jobs that run at the same time; the others wait in the queue.
+    job_concurrency: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("tag_vocabulary", "cors_origins", "import_roots", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("import_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        return [root.expanduser().resolve() for root in value]
 
     @field_validator("storage_root")
     @classmethod

@@ -11,8 +11,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from backend.config import Settings
 from backend.executor import Executor
 from backend.services.embedding import ModelService
+from backend.services.jobs import JobService
 from backend.services.storage import FileStore
+from backend.services.tagging import TagService
 from backend.services.vectors import IndexService
+from ml.captioner import BlipCaptioner
+from ml.embedder import ClipEmbedder
 
 
 @dataclass
@@ -22,8 +26,11 @@ class AppContext:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     store: FileStore
-    models: ModelService
+    models: ModelService[ClipEmbedder]
+    captioner: ModelService[BlipCaptioner]
     vectors: IndexService
+    tags: TagService
+    jobs: JobService
     # Serialises the short commit phase of writes (file rename, row, index) so that
     # two uploads of the same bytes, or an upload and a delete, cannot interleave.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.models import SchemaVersion
 
-SCHEMA_VERSION = 1
-# Migrations from version N to N+1, as SQL statements; empty while the schema is at version 1.
-MIGRATIONS: dict[int, list[str]] = {}
+SCHEMA_VERSION = 2
+# Migrations from version N to N+1, as SQL statements. New tables need none: create_all makes them.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "ALTER TABLE image ADD COLUMN caption VARCHAR",
+        "ALTER TABLE image ADD COLUMN caption_model VARCHAR",
+    ],
+}
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -39,7 +44,7 @@ async def init_schema(engine: AsyncEngine) -> None:
     """Create missing tables, then run any migrations the stored schema version still needs."""
     async with engine.begin() as conn:
         await conn.run_sync(SQLModel.metadata.create_all)
-    async with AsyncSession(engine) as session:
+    async with AsyncSession(engine, expire_on_commit=False) as session:
         row = (await session.exec(select(SchemaVersion))).first()
         if row is None:
             session.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
@@ -51,7 +56,7 @@ async def init_schema(engine: AsyncEngine) -> None:
             )
         while row.version < SCHEMA_VERSION:
             for statement in MIGRATIONS[row.version]:
-                await session.exec(statement)  # type: ignore[call-overload]
+                await session.exec(text(statement))  # type: ignore[call-overload]
             row.version += 1
             session.add(row)
             await session.commit()

@@ -7,9 +7,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from backend.config import Settings, get_settings
@@ -18,12 +20,16 @@ from backend.db import create_engine, init_schema, session_factory
 from backend.errors import install_error_handlers
 from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware
-from backend.routers import health, images, search
+from backend.routers import clusters, health, images, jobs, reindex, search
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
+from backend.services.jobs import JobService
 from backend.services.maintenance import sweep_in_background
 from backend.services.storage import FileStore
+from backend.services.tagging import TagService
 from backend.services.vectors import IndexService
+from ml.captioner import BlipCaptioner
+from ml.embedder import ClipEmbedder
 
 log = logging.getLogger("backend")
 
@@ -48,11 +54,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await init_schema(engine)
         sessions = session_factory(engine)
         models = ModelService(
+            label="CLIP",
             model_name=settings.clip_model_name,
-            device=settings.clip_device,
-            batch_size=settings.embed_batch_size,
+            loader=partial(
+                ClipEmbedder.load, settings.clip_model_name, settings.clip_device, settings.embed_batch_size
+            ),
             executor=executor,
         )
+        captioner = ModelService(
+            label="BLIP",
+            model_name=settings.blip_model_name,
+            loader=partial(
+                BlipCaptioner.load,
+                settings.blip_model_name,
+                settings.blip_device,
+                settings.caption_batch_size,
+                settings.caption_max_tokens,
+            ),
+            executor=executor,
+        )
+        jobs = JobService(sessions, concurrency=settings.job_concurrency)
+        interrupted = await jobs.recover()
+        if interrupted:
+            log.warning("marked %d jobs that an earlier run left unfinished as failed", interrupted)
         vectors = IndexService(
             index_dir=store.index_dir,
             model_name=settings.clip_model_name,
@@ -70,7 +94,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sessions=sessions,
             store=store,
             models=models,
+            captioner=captioner,
             vectors=vectors,
+            tags=TagService(
+                names=settings.tag_vocabulary,
+                per_image=settings.tags_per_image,
+                min_score=settings.tag_min_score,
+                executor=executor,
+            ),
+            jobs=jobs,
         )
         app.state.sweep = asyncio.create_task(sweep_in_background(ctx), name="sweep-orphan-files")
         try:
@@ -79,7 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sweep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await app.state.sweep
+            await jobs.close()
             await models.close()
+            await captioner.close()
             await vectors.close()
             await engine.dispose()
             executor.shutdown()
@@ -92,8 +126,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:
+        # Added last so it is the outermost layer: preflights and error answers carry the CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            max_age=600,
+        )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(search.router)
+    app.include_router(clusters.router)
+    app.include_router(jobs.router)
+    app.include_router(reindex.router)
     return app

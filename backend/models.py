@@ -1,10 +1,10 @@
 """SQLModel tables and the public schemas the API answers with."""
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, NaiveDatetime
-from sqlalchemy import Column, LargeBinary
+from pydantic import BaseModel, NaiveDatetime, field_validator
+from sqlalchemy import JSON, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
 
@@ -23,6 +23,7 @@ class ImageBase(SQLModel):
     # EXIF stores the camera's local time without a zone, so this one stays naive.
     taken_at: NaiveDatetime | None = Field(default=None, description="EXIF DateTimeOriginal (camera local time).")
     embedding_model: str = Field(index=True, description="The CLIP model that made the stored vector.")
+    caption: str | None = Field(default=None, description="BLIP's caption, once one was made.")
 
 
 class Image(ImageBase, table=True):
@@ -34,6 +35,75 @@ class Image(ImageBase, table=True):
     thumbnail_key: str = Field(description="Path of the JPEG thumbnail, relative to STORAGE_ROOT.")
     embedding_dim: int
     embedding: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    caption_model: str | None = Field(default=None, description="The BLIP model that wrote `caption`.")
+
+
+class ImageTag(SQLModel, table=True):
+    """Zero-shot tags: the vocabulary entries whose CLIP text vector fits the image best."""
+
+    __tablename__ = "image_tag"
+    image_id: int = Field(foreign_key="image.id", ondelete="CASCADE", primary_key=True)
+    tag: str = Field(primary_key=True, index=True)
+    score: float
+
+
+MAX_CLUSTERS = 1000
+JobKind = Literal["cluster", "import", "reindex", "caption"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Job(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(index=True)
+    status: str = Field(index=True)
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    progress_done: int = 0
+    progress_total: int | None = None
+    message: str | None = None
+    cancel_requested: bool = False
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ClusterRun(SQLModel, table=True):
+    """One finished clustering of the collection; its clusters and members hang off it."""
+
+    __tablename__ = "cluster_run"
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    embedding_model: str
+    k: int
+    k_requested: int | None = None
+    seed: int
+    image_count: int
+    silhouette: float | None = None
+    captions: bool
+    caption_model: str | None = None
+    caption_error: str | None = None
+
+
+class ClusterRow(SQLModel, table=True):
+    __tablename__ = "cluster"
+    run_id: int = Field(foreign_key="cluster_run.id", ondelete="CASCADE", primary_key=True)
+    cluster_id: int = Field(primary_key=True)
+    size: int
+    caption: str | None = None
+    representative_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class ClusterMember(SQLModel, table=True):
+    __tablename__ = "cluster_member"
+    __table_args__ = (Index("ix_cluster_member_order", "run_id", "cluster_id", "rank"),)
+    run_id: int = Field(foreign_key="cluster_run.id", ondelete="CASCADE", primary_key=True)
+    image_id: int = Field(foreign_key="image.id", ondelete="CASCADE", primary_key=True, index=True)
+    cluster_id: int
+    rank: int
+    distance: float
 
 
 class SchemaVersion(SQLModel, table=True):
@@ -42,10 +112,16 @@ class SchemaVersion(SQLModel, table=True):
     version: int
 
 
+class TagScore(BaseModel):
+    tag: str
+    score: float = Field(description="Share of the softmax over the tag vocabulary.")
+
+
 class ImagePublic(ImageBase):
     id: int
     file_url: str
     thumbnail_url: str
+    tags: list[TagScore] = Field(default_factory=list, description="Zero-shot CLIP tags, best first.")
 
 
 class ImageUploaded(ImagePublic):
@@ -111,7 +187,106 @@ class Health(BaseModel):
     images: int
     stale_embeddings: int = Field(description="Images whose vector was made by another CLIP model.")
     index: IndexHealth
-    model: ModelHealth
+    model: ModelHealth = Field(description="The CLIP model (embeddings, search, tags).")
+    captioner: ModelHealth = Field(description="The BLIP model (captions); loaded on first use.")
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int | None = Field(description="Units of work in the current phase, once known.")
+    message: str | None = Field(description="The current phase.")
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    progress: JobProgress
+    params: dict[str, Any]
+    cancel_requested: bool
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    url: str
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class ClusterRequest(BaseModel):
+    k: int | Literal["auto"] | None = Field(
+        default=None, description='Number of clusters, or "auto" to choose it; default KMEANS_CLUSTERS.'
+    )
+    captions: bool = Field(default=True, description="Caption each cluster with BLIP.")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed; default CLUSTER_SEED.")
+
+    @field_validator("k")
+    @classmethod
+    def _k_range(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= MAX_CLUSTERS:
+            raise ValueError(f'k must be between 1 and {MAX_CLUSTERS}, or "auto"')
+        return value
+
+
+class ClusterPublic(BaseModel):
+    cluster_id: int
+    size: int = Field(description="Images in the cluster now (deleted images drop out).")
+    caption: str | None
+    representatives: list[ImagePublic] = Field(description="The images closest to the centroid.")
+    images_url: str
+
+
+class ClusterRunPublic(BaseModel):
+    id: int
+    job_id: str | None
+    created_at: datetime
+    embedding_model: str
+    k: int
+    k_requested: int | None = Field(description="The k asked for; null when it was chosen automatically.")
+    auto_k: bool
+    seed: int
+    image_count: int = Field(description="Images clustered when the run was made.")
+    silhouette: float | None = Field(description="Cosine silhouette of the clustering (on a sample).")
+    captions: bool
+    caption_model: str | None
+    caption_error: str | None = Field(description="Why clusters have no caption, when BLIP was unavailable.")
+    export_url: str
+    clusters: list[ClusterPublic]
+
+
+class ClusterMemberPublic(BaseModel):
+    image: ImagePublic
+    rank: int = Field(description="0 is the image closest to the centroid.")
+    distance: float = Field(description="Cosine distance to the centroid.")
+
+
+class ClusterImages(BaseModel):
+    run_id: int
+    cluster_id: int
+    caption: str | None
+    size: int
+    offset: int
+    limit: int
+    data: list[ClusterMemberPublic]
+
+
+class UploadCluster(BaseModel):
+    name: int = Field(description="The cluster's number, largest cluster first.")
+    image_ids: list[str] = Field(description="Filenames of its images as uploaded, closest to the centroid first.")
+    description: str = Field(description="BLIP's caption for the cluster.")
+
+
+class UploadClusters(BaseModel):
+    clusters: list[UploadCluster]
+
+
+class ImportRequest(BaseModel):
+    path: str = Field(min_length=1, max_length=4096, description="A folder inside one of the IMPORT_ROOTS.")
+    recursive: bool = True
 
 
 class ErrorBody(BaseModel):

@@ -13,7 +13,9 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from backend.config import Settings
+from backend.context import AppContext
 from backend.main import create_app
+from tests.tiny_models import build_tiny_blip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", REPO_ROOT.parent / "shared" / "models"))
@@ -45,16 +47,31 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny-blip"))
+
+
 @pytest.fixture
-def settings(tmp_path: Path, tiny_clip_dir: Path) -> Settings:
+def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         storage_root=tmp_path / "storage",
         clip_model_name=str(tiny_clip_dir),
         clip_device="cpu",
+        blip_model_name=str(tiny_blip_dir),
+        blip_device="cpu",
+        caption_max_tokens=8,
+        # Random weights spread the softmax evenly: keep every top tag so tag behaviour is visible.
+        tag_min_score=0.0,
         index_save_interval=0,
         executor_workers=2,
     )
+
+
+def app_context(client: httpx.AsyncClient) -> AppContext:
+    """The running app's context behind a client made by `run_app`."""
+    return client.ctx  # type: ignore[attr-defined,no-any-return]
 
 
 AppRunner = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -70,6 +87,7 @@ def run_app(settings: Settings) -> AppRunner:
         async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                client.ctx = app.state.ctx  # type: ignore[attr-defined]  # for tests that look inside
                 yield client
 
     return runner
@@ -79,3 +97,19 @@ def run_app(settings: Settings) -> AppRunner:
 async def client(run_app: AppRunner) -> AsyncIterator[httpx.AsyncClient]:
     async with run_app() as client:
         yield client
+
+
+@pytest.fixture
+def caption_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts BLIP's work: the batch size of every caption_pixels call, in order."""
+    from ml.captioner import BlipCaptioner
+
+    calls: list[int] = []
+    original = BlipCaptioner.caption_pixels
+
+    def counting(self: BlipCaptioner, pixel_values: torch.Tensor) -> list[str]:
+        calls.append(len(pixel_values))
+        return original(self, pixel_values)
+
+    monkeypatch.setattr(BlipCaptioner, "caption_pixels", counting)
+    return calls

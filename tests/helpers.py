@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -35,3 +37,26 @@ def make_image_bytes(
 def stored_files(root: Path) -> list[Path]:
     """Every file under originals/, thumbnails/ and tmp/ of a storage root."""
     return sorted(p for sub in ("originals", "thumbnails", "tmp") for p in (root / sub).rglob("*") if p.is_file())
+
+
+async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 120.0) -> dict:
+    """Poll a job until it has finished; its final record. The timeout only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        response = await client.get(f"/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job = response.json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        assert asyncio.get_running_loop().time() < deadline, f"job {job_id} did not finish: {job}"
+        await asyncio.sleep(0.05)
+
+
+async def upload_many(client: httpx.AsyncClient, count: int, first_seed: int = 100, **image_args: object) -> list[dict]:
+    """Upload `count` distinct JPEGs in one request; their records in order."""
+    files = [
+        ("files", (f"img{i}.jpg", make_image_bytes(first_seed + i, **image_args), "image/jpeg")) for i in range(count)
+    ]
+    response = await client.post("/images", files=files)
+    assert response.status_code == 201, response.text
+    return [item["image"] for item in response.json()["items"]]

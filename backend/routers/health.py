@@ -3,13 +3,15 @@ from fastapi import APIRouter
 from backend.deps import ContextDep, SessionDep
 from backend.models import Health, IndexHealth, ModelHealth
 from backend.services.catalog import count_images
+from backend.services.embedding import ModelService
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health, summary="Service, model and index status")
 async def health(ctx: ContextDep, session: SessionDep) -> Health:
-    """Always 200 while the process serves; `status` is `degraded` when the model could not be loaded."""
+    """Always 200 while the process serves; `status` is `degraded` when CLIP could not be loaded (BLIP is
+    optional: without it only captions are missing)."""
     images, stale = await count_images(session=session, model_name=ctx.settings.clip_model_name)
     models = ctx.models
     return Health(
@@ -18,11 +20,16 @@ async def health(ctx: ContextDep, session: SessionDep) -> Health:
         images=images,
         stale_embeddings=stale,
         index=IndexHealth(type=ctx.vectors.index.kind, size=len(ctx.vectors.index), dimension=ctx.vectors.index.dim),
-        model=ModelHealth(
-            name=models.model_name,
-            device=models.device,
-            state=models.state,
-            loaded=models.state == "loaded",
-            error=models.error,
-        ),
+        model=_model_health(models),
+        captioner=_model_health(ctx.captioner),
+    )
+
+
+def _model_health(service: ModelService) -> ModelHealth:  # type: ignore[type-arg]
+    return ModelHealth(
+        name=service.model_name,
+        device=service.device,
+        state=service.state,
+        loaded=service.state == "loaded",
+        error=service.error,
     )

@@ -11,14 +11,21 @@ from backend.models import (
     ImagePublic,
     ImagesPublic,
     ImageUploaded,
+    ImportRequest,
+    JobPublic,
     SearchResults,
+    TagScore,
     UploadBatch,
     UploadError,
     UploadItem,
 )
 from backend.multipart import multipart_body, receive_files
 from backend.services import catalog, search
+from backend.services.captions import caption_stored, start_caption_job
+from backend.services.importer import start_import
 from backend.services.ingest import IngestOutcome, ingest_files
+from backend.services.jobs import to_public
+from backend.services.tagging import load_tags
 
 router = APIRouter(
     prefix="/images",
@@ -72,6 +79,10 @@ async def upload_images(
             session=session,
             files=list(received),
         )
+    created = [o.image.id for o in outcomes if o.created and o.image is not None and o.image.id is not None]
+    if ctx.settings.caption_on_upload and created:
+        await start_caption_job(ctx, created)
+    tags = await load_tags(session, [o.image.id for o in outcomes if o.image is not None and o.image.id is not None])
     if len(received) == 1 and received[0].form_field == "file":
         outcome = outcomes[0]
         if outcome.error is not None:
@@ -79,9 +90,9 @@ async def upload_images(
         assert outcome.image is not None
         if outcome.duplicate:
             response.status_code = status.HTTP_200_OK
-        return catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate)
+        return catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate, tags=tags.get(outcome.image.id or 0))
 
-    batch = _batch(outcomes)
+    batch = _batch(outcomes, tags)
     if batch.failed == len(outcomes):
         statuses = {item.error.status for item in batch.items if item.error}
         return JSONResponse(
@@ -97,7 +108,7 @@ async def upload_images(
     return batch
 
 
-def _batch(outcomes: list[IngestOutcome]) -> UploadBatch:
+def _batch(outcomes: list[IngestOutcome], tags: dict[int, list[TagScore]]) -> UploadBatch:
     items: list[UploadItem] = []
     for outcome in outcomes:
         if outcome.error is not None:
@@ -109,7 +120,9 @@ def _batch(outcomes: list[IngestOutcome]) -> UploadBatch:
                 UploadItem(
                     filename=outcome.filename,
                     status="duplicate" if outcome.duplicate else "created",
-                    image=catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate),
+                    image=catalog.to_uploaded(
+                        outcome.image, duplicate=outcome.duplicate, tags=tags.get(outcome.image.id or 0)
+                    ),
                 )
             )
     return UploadBatch(
@@ -125,15 +138,59 @@ async def list_images(
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    tag: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Only images with this zero-shot tag.")
+    ] = None,
 ) -> ImagesPublic:
     """A page of image records, newest first, with the total count."""
-    return await catalog.list_images(session=session, offset=offset, limit=limit)
+    return await catalog.list_images(session=session, offset=offset, limit=limit, tag=tag)
+
+
+@router.post(
+    "/import",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Import a folder on the server (a job)",
+    responses={
+        400: {"model": ErrorBody, "description": "A relative path, `..`, or not a folder"},
+        403: {"model": ErrorBody, "description": "Import disabled, or the path is outside IMPORT_ROOTS or is storage"},
+        404: {"model": ErrorBody, "description": "The folder does not exist"},
+        503: {"model": ErrorBody, "description": "The CLIP model is not available"},
+    },
+)
+async def import_folder(ctx: ContextDep, request: ImportRequest) -> JobPublic:
+    """Walks the folder (recursively by default) and ingests every image file like an upload. The path
+    must resolve, symlinks followed, inside one of IMPORT_ROOTS. Unreadable or invalid files are counted
+    and listed in the job's result; they do not stop the import."""
+    return to_public(await start_import(ctx, request.path, recursive=request.recursive))
 
 
 @router.get("/{image_id}", response_model=ImagePublic, summary="One image's metadata", responses=_NOT_FOUND)
 async def get_image(session: SessionDep, image_id: ImageId) -> ImagePublic:
-    """Metadata of one image."""
-    return catalog.to_public(await catalog.get_image(session=session, image_id=image_id))
+    """Metadata of one image, with its tags and caption."""
+    image = await catalog.get_image(session=session, image_id=image_id)
+    return (await catalog.publish(session, [image]))[0]
+
+
+@router.post(
+    "/{image_id}/caption",
+    response_model=ImagePublic,
+    summary="Caption an image with BLIP",
+    responses={**_NOT_FOUND, 503: {"model": ErrorBody, "description": "The BLIP model is not available"}},
+)
+async def caption_image(
+    ctx: ContextDep,
+    session: SessionDep,
+    image_id: ImageId,
+    refresh: Annotated[bool, Query(description="Caption again even when a caption is stored.")] = False,
+) -> ImagePublic:
+    """Writes (or, without `refresh`, returns the stored) BLIP caption of one image; about 2 s on a CPU."""
+    await catalog.get_image(session=session, image_id=image_id)  # 404 before loading BLIP
+    await session.commit()
+    await caption_stored(ctx, [image_id], refresh=refresh)
+    image = await catalog.get_image(session=session, image_id=image_id)
+    await session.refresh(image)
+    return (await catalog.publish(session, [image]))[0]
 
 
 @router.get(

@@ -9,29 +9,42 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
 from backend.errors import NotFoundError
-from backend.models import Image, ImagePublic, ImagesPublic, ImageUploaded
+from backend.models import Image, ImagePublic, ImagesPublic, ImageTag, ImageUploaded, TagScore
+from backend.services.tagging import load_tags
 
 
-def to_public(image: Image) -> ImagePublic:
-    return ImagePublic.model_validate(image, update=_urls(image))
+def to_public(image: Image, tags: list[TagScore] | None = None) -> ImagePublic:
+    return ImagePublic.model_validate(image, update={**_urls(image), "tags": tags or []})
 
 
-def to_uploaded(image: Image, *, duplicate: bool) -> ImageUploaded:
-    return ImageUploaded.model_validate(image, update={**_urls(image), "duplicate": duplicate})
+def to_uploaded(image: Image, *, duplicate: bool, tags: list[TagScore] | None = None) -> ImageUploaded:
+    return ImageUploaded.model_validate(image, update={**_urls(image), "tags": tags or [], "duplicate": duplicate})
 
 
 def _urls(image: Image) -> dict[str, str]:
     return {"file_url": f"/images/{image.id}/file", "thumbnail_url": f"/images/{image.id}/thumbnail"}
 
 
-async def list_images(*, session: AsyncSession, offset: int, limit: int) -> ImagesPublic:
-    count = (await session.exec(select(func.count()).select_from(Image))).one()
+async def publish(session: AsyncSession, images: list[Image]) -> list[ImagePublic]:
+    """Public records with their tags, loaded in one query."""
+    tags = await load_tags(session, [image.id for image in images if image.id is not None])
+    return [to_public(image, tags.get(image.id or 0)) for image in images]
+
+
+async def list_images(*, session: AsyncSession, offset: int, limit: int, tag: str | None = None) -> ImagesPublic:
+    count_query = select(func.count()).select_from(Image)
+    query = select(Image)
+    if tag is not None:
+        tagged = select(ImageTag.image_id).where(ImageTag.tag == tag)
+        count_query = count_query.where(col(Image.id).in_(tagged))
+        query = query.where(col(Image.id).in_(tagged))
+    count = (await session.exec(count_query)).one()
     rows = (
         await session.exec(
-            select(Image).order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
+            query.order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
         )
     ).all()
-    return ImagesPublic(data=[to_public(row) for row in rows], count=count, offset=offset, limit=limit)
+    return ImagesPublic(data=await publish(session, list(rows)), count=count, offset=offset, limit=limit)
 
 
 async def get_image(*, session: AsyncSession, image_id: int) -> Image:
@@ -58,7 +71,10 @@ async def count_images(*, session: AsyncSession, model_name: str) -> tuple[int, 
 
 
 async def delete_image(*, ctx: AppContext, session: AsyncSession, image_id: int) -> None:
-    """Remove the row, then the vector, then the files: a crash in between leaves only unreferenced files."""
+    """Remove the row, then the vector, then the files: a crash in between leaves only unreferenced files.
+
+    Its tags and cluster memberships go with the row (ON DELETE CASCADE).
+    """
     async with ctx.write_lock:
         image = await get_image(session=session, image_id=image_id)
         keys = (image.storage_key, image.thumbnail_key)

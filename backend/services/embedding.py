@@ -1,14 +1,16 @@
-"""Owns the CLIP model's lifecycle: load once in the executor, report its state, fail softly."""
+"""Owns a model's lifecycle (CLIP, BLIP): load once in the executor, report its state, fail softly."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Generic, Literal, TypeVar
 
 from backend.errors import ModelUnavailableError
 from backend.executor import Executor
+from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
 
 log = logging.getLogger(__name__)
@@ -16,16 +18,17 @@ log = logging.getLogger(__name__)
 ModelState = Literal["not_loaded", "loading", "loaded", "failed"]
 # After a failed load, the next request that needs the model tries again once this much time has passed.
 RETRY_AFTER_SECONDS = 30.0
+M = TypeVar("M", ClipEmbedder, BlipCaptioner)
 
 
-class ModelService:
-    def __init__(self, *, model_name: str, device: str, batch_size: int, executor: Executor) -> None:
+class ModelService(Generic[M]):
+    def __init__(self, *, label: str, model_name: str, loader: Callable[[], M], executor: Executor) -> None:
+        self.label = label
         self.model_name = model_name
-        self.requested_device = device
-        self.batch_size = batch_size
+        self._loader = loader
         self._executor = executor
-        self._embedder: ClipEmbedder | None = None
-        self._task: asyncio.Task[ClipEmbedder | None] | None = None
+        self._embedder: M | None = None
+        self._task: asyncio.Task[M | None] | None = None
         self._error: str | None = None
         self._failed_at = 0.0
 
@@ -50,30 +53,28 @@ class ModelService:
     def start_loading(self) -> None:
         if self._embedder is None and (self._task is None or self._task.done()):
             self._error = None
-            self._task = asyncio.create_task(self._load(), name="load-clip")
+            self._task = asyncio.create_task(self._load(), name=f"load-{self.label.lower()}")
 
-    async def _load(self) -> ClipEmbedder | None:
+    async def _load(self) -> M | None:
         started = time.perf_counter()
         try:
-            embedder = await self._executor.run(
-                ClipEmbedder.load, self.model_name, self.requested_device, self.batch_size
-            )
+            embedder = await self._executor.run(self._loader)
         except Exception as exc:  # any failure (network, bad name, bad files) is reported, not fatal
             self._error = _describe(exc)
             self._failed_at = time.monotonic()
-            log.error("could not load CLIP model %r: %s", self.model_name, self._error)
+            log.error("could not load %s model %r: %s", self.label, self.model_name, self._error)
             return None
         self._embedder = embedder
         log.info(
-            "loaded CLIP model %r on %s (dim %d) in %.1fs",
+            "loaded %s model %r on %s in %.1fs",
+            self.label,
             self.model_name,
             embedder.device,
-            embedder.dim,
             time.perf_counter() - started,
         )
         return embedder
 
-    async def get(self) -> ClipEmbedder:
+    async def get(self) -> M:
         """The loaded model, loading it first if needed; 503 with the reason when it cannot load."""
         if self._embedder is not None:
             return self._embedder
@@ -87,7 +88,7 @@ class ModelService:
             embedder = await asyncio.shield(self._task)
             if embedder is not None:
                 return embedder
-        raise ModelUnavailableError(f"CLIP model {self.model_name!r} is not available: {self._error}")
+        raise ModelUnavailableError(f"{self.label} model {self.model_name!r} is not available: {self._error}")
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -25,6 +25,7 @@ from backend.errors import AppError
 from backend.models import Image
 from backend.services.imaging import ImageInfo, decode_image, make_thumbnail
 from backend.services.storage import StagedFile
+from backend.services.tagging import Tags, tag_rows
 from backend.services.vectors import vector_to_blob
 from ml.embedder import ClipEmbedder
 
@@ -47,6 +48,10 @@ class IngestOutcome:
     image: Image | None = None
     duplicate: bool = False
     error: AppError | None = None
+
+    @property
+    def created(self) -> bool:
+        return self.image is not None and not self.duplicate
 
 
 @dataclass
@@ -101,8 +106,9 @@ async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[In
     to_prepare = {i: staged[i] for i in first_of.values() if staged[i].sha256 not in known}
     prepared = await _prepare_all(ctx, embedder, to_prepare, outcomes)
     order = sorted(prepared)
-    vectors = await ctx.executor.run(_embed_prepared, embedder, [prepared[i].pixels for i in order])
-    await _commit(ctx, session, embedder, list(first_of.values()), staged, prepared, order, vectors, outcomes)
+    vectors = await ctx.executor.run(embed_prepared, embedder, [prepared[i].pixels for i in order])
+    tags = await ctx.tags.tag(embedder, vectors)
+    await _commit(ctx, session, embedder, list(first_of.values()), staged, prepared, order, vectors, tags, outcomes)
 
     for i, first in repeats.items():
         outcomes[i].image = outcomes[first].image
@@ -111,7 +117,7 @@ async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[In
     return outcomes
 
 
-def _embed_prepared(embedder: ClipEmbedder, pixels: list[torch.Tensor]) -> np.ndarray:
+def embed_prepared(embedder: ClipEmbedder, pixels: list[torch.Tensor]) -> np.ndarray:
     if not pixels:
         return np.empty((0, embedder.dim), dtype=np.float32)
     return embedder.embed_pixels(torch.stack(pixels))
@@ -153,6 +159,7 @@ async def _commit(
     prepared: dict[int, PreparedImage],
     order: list[int],
     vectors: np.ndarray,
+    tags: list[Tags],
     outcomes: list[IngestOutcome],
 ) -> None:
     """Under the write lock: settle duplicates against the current rows, then store the new images."""
@@ -181,7 +188,7 @@ async def _commit(
                     continue
                 try:
                     image = await _store_one(
-                        ctx, session, embedder, item, prepared[i], vectors[row], outcomes[i].filename
+                        ctx, session, embedder, item, prepared[i], vectors[row], tags[row], outcomes[i].filename
                     )
                 except IntegrityError:
                     # Another process stored the same bytes: the file at the key is identical, keep it.
@@ -212,9 +219,10 @@ async def _store_one(
     item: StagedFile,
     prep: PreparedImage,
     vector: np.ndarray,
+    tags: Tags,
     filename: str,
 ) -> Image:
-    """File, thumbnail, then row. Called under the write lock with no row holding these bytes."""
+    """File, thumbnail, then row and tags. Called under the write lock with no row holding these bytes."""
     storage_key = ctx.store.original_key(item.sha256, prep.info.extension)
     thumbnail_key = ctx.store.thumbnail_key(item.sha256)
     image = Image(
@@ -236,6 +244,9 @@ async def _store_one(
         await ctx.executor.run(ctx.store.commit, item, storage_key)
         await ctx.executor.run(ctx.store.write_atomic, thumbnail_key, prep.thumbnail)
         session.add(image)
+        await session.flush()
+        assert image.id is not None
+        session.add_all(tag_rows(image.id, tags))
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -257,4 +268,4 @@ async def embed_query_image(*, ctx: AppContext, staged: StagedFile) -> np.ndarra
         thumbnail_size=None,
         embedder=embedder,
     )
-    return (await ctx.executor.run(_embed_prepared, embedder, [prep.pixels]))[0]
+    return (await ctx.executor.run(embed_prepared, embedder, [prep.pixels]))[0]

@@ -9,6 +9,7 @@ from backend.context import AppContext
 from backend.errors import AppError
 from backend.models import SearchHit, SearchResults
 from backend.services.catalog import get_image, get_images_by_ids, to_public
+from backend.services.tagging import load_tags
 from backend.services.vectors import blob_to_vector
 
 
@@ -41,8 +42,12 @@ async def search_by_vector(*, ctx: AppContext, session: AsyncSession, vector: np
 
 async def _hits(ctx: AppContext, session: AsyncSession, vector: np.ndarray, top_k: int) -> list[SearchHit]:
     ranked = (await ctx.vectors.search(vector[np.newaxis, :], top_k))[0]
-    records = await get_images_by_ids(session=session, ids=[image_id for image_id, _ in ranked])
+    ids = [image_id for image_id, _ in ranked]
+    records = await get_images_by_ids(session=session, ids=ids)
+    tags = await load_tags(session, ids)
     # An id deleted between the index lookup and the row fetch is simply left out.
     return [
-        SearchHit(image=to_public(records[image_id]), score=score) for image_id, score in ranked if image_id in records
+        SearchHit(image=to_public(records[image_id], tags.get(image_id)), score=score)
+        for image_id, score in ranked
+        if image_id in records
     ]

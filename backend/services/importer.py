@@ -1,0 +1,190 @@
+"""Folder import: walk a folder inside IMPORT_ROOTS and ingest its images through the upload pipeline.
+
+Path rules (checked before the job starts, and again for every file found): no `..` components,
+symlinks resolved, the result inside one of the configured roots and outside STORAGE_ROOT.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePath
+from typing import Any
+
+from backend.context import AppContext
+from backend.errors import AppError, ModelUnavailableError
+from backend.models import Job
+from backend.services.captions import caption_stored
+from backend.services.ingest import IncomingFile, ingest_files
+from backend.services.jobs import JobHandle
+from backend.services.storage import FileStore, StagedFile
+
+# Files with these extensions are read; others are counted as skipped.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".heic", ".heif",
+     ".avif", ".mpo"}
+)  # fmt: skip
+# Failures listed in the job's result (all are counted).
+MAX_LISTED_FAILURES = 1000
+READ_CHUNK = 1024 * 1024
+
+
+class ImportPathError(AppError):
+    status_code = 403
+    code = "import_path_refused"
+
+
+def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Path:
+    """The resolved folder to import, or a 4xx that says why it is refused."""
+    if not roots:
+        raise ImportPathError(
+            "folder import is disabled: set IMPORT_ROOTS to the folders it may read", code="import_disabled"
+        )
+    if "\x00" in raw:
+        raise ImportPathError("the path contains a NUL character", code="invalid_path", status_code=400)
+    given = Path(raw).expanduser()
+    if ".." in PurePath(raw).parts:
+        raise ImportPathError("the path must not contain '..' components", code="path_traversal", status_code=400)
+    if not given.is_absolute():
+        raise ImportPathError("the path must be absolute", code="invalid_path", status_code=400)
+    try:
+        resolved = given.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # missing, a symlink loop, unreadable
+        raise ImportPathError(
+            f"the folder {raw} does not exist or cannot be read", code="path_not_found", status_code=404
+        ) from exc
+    if not resolved.is_dir():
+        raise ImportPathError(f"{raw} is not a folder", code="not_a_directory", status_code=400)
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ImportPathError(
+            f"{raw} resolves to {resolved}, which is outside the import roots ({', '.join(map(str, roots))})",
+            code="path_outside_roots",
+        )
+    if resolved.is_relative_to(storage_root):
+        # A folder that merely contains STORAGE_ROOT is fine: the walk skips the storage subtree.
+        raise ImportPathError("the service's own storage folder cannot be imported", code="path_is_storage")
+    return resolved
+
+
+def find_files(
+    folder: Path, *, recursive: bool, roots: list[Path], storage_root: Path
+) -> tuple[list[Path], list[dict[str, str]], int]:
+    """(image files to read, refused entries, skipped non-image files); sorted, symlinks checked. Synchronous."""
+    found: list[Path] = []
+    refused: list[dict[str, str]] = []
+    skipped = 0
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        base = Path(current)
+        # Hidden folders are left out; symlinked folders are not followed (os.walk lists them as dirs).
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (base / d).is_symlink()) if recursive else []
+        if base.resolve().is_relative_to(storage_root):
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            path = base / name
+            if name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped += 1
+                continue
+            try:
+                real = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                refused.append({"path": str(path), "code": "unreadable", "detail": "broken link or unreadable file"})
+                continue
+            if not any(real.is_relative_to(root) for root in roots) or real.is_relative_to(storage_root):
+                refused.append(
+                    {
+                        "path": str(path),
+                        "code": "path_outside_roots",
+                        "detail": f"links to {real}, outside the import roots",
+                    }
+                )
+                continue
+            if real.is_file():
+                found.append(path)
+    return found, refused, skipped
+
+
+def stage_file(store: FileStore, path: Path, max_bytes: int) -> StagedFile:
+    """Copy a file into tmp/ while hashing it, like an upload; synchronous."""
+    writer = store.open_staging(max_bytes)
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(READ_CHUNK):
+                writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
+
+
+async def start_import(ctx: AppContext, raw_path: str, *, recursive: bool) -> Job:
+    settings = ctx.settings
+    folder = check_import_path(raw_path, roots=settings.import_roots, storage_root=settings.storage_root)
+    await ctx.models.get()  # 503 now rather than a failed job when CLIP is unavailable
+
+    async def run(handle: JobHandle) -> dict[str, Any]:
+        return await _run(ctx, handle, folder, recursive)
+
+    return await ctx.jobs.submit("import", {"path": str(folder), "recursive": recursive}, run)
+
+
+async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool) -> dict[str, Any]:
+    settings = ctx.settings
+    await handle.progress(0, None, "listing files")
+    paths, failures, skipped = await ctx.executor.run(
+        find_files, folder, recursive=recursive, roots=settings.import_roots, storage_root=settings.storage_root
+    )
+    counts = {"created": 0, "duplicates": 0, "failed": len(failures)}
+    created_ids: list[int] = []
+    await handle.progress(0, len(paths), "importing")
+    for start in range(0, len(paths), settings.embed_batch_size):
+        batch = paths[start : start + settings.embed_batch_size]
+        incoming: list[IncomingFile] = []
+        for path in batch:
+            try:
+                staged = await ctx.executor.run(stage_file, ctx.store, path, settings.max_upload_bytes)
+                incoming.append(IncomingFile(filename=path.name, staged=staged))
+            except AppError as exc:
+                incoming.append(IncomingFile(filename=path.name, error=exc))
+            except OSError as exc:
+                incoming.append(
+                    IncomingFile(
+                        filename=path.name, error=AppError(f"could not read: {exc.strerror}", code="unreadable")
+                    )
+                )
+        try:
+            async with ctx.sessions() as session:
+                outcomes = await ingest_files(ctx=ctx, session=session, files=incoming)
+        finally:
+            for item in incoming:
+                if item.staged is not None:
+                    await ctx.executor.run(ctx.store.discard, item.staged)  # a no-op once ingest moved it
+        for path, outcome in zip(batch, outcomes, strict=True):
+            if outcome.error is not None:
+                counts["failed"] += 1
+                failures.append({"path": str(path), "code": outcome.error.code, "detail": outcome.error.detail})
+            elif outcome.duplicate:
+                counts["duplicates"] += 1
+            else:
+                counts["created"] += 1
+                assert outcome.image is not None and outcome.image.id is not None
+                created_ids.append(outcome.image.id)
+        await handle.progress(start + len(batch), len(paths), "importing")
+    result: dict[str, Any] = {
+        **counts,
+        "skipped": skipped,
+        "files": len(paths),
+        "failures": failures[:MAX_LISTED_FAILURES],
+        "image_ids": created_ids[:MAX_LISTED_FAILURES],
+    }
+    if settings.caption_on_upload and created_ids:
+
+        async def progress(done: int, total: int) -> None:
+            await handle.progress(done, total, "captioning")
+
+        try:
+            result["captioned"] = len(await caption_stored(ctx, created_ids, progress=progress))
+        except ModelUnavailableError as exc:
+            result["caption_error"] = exc.detail
+    return result

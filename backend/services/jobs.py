@@ -1,0 +1,218 @@
+"""Background jobs: persisted in SQLite, run as asyncio tasks, observable and cancellable.
+
+A job's function receives a `JobHandle`; it reports progress through it and calls `checkpoint()`
+between units of work, where a requested cancel takes effect. Cancelling is cooperative so that a job
+is never interrupted half-way through a commit. At startup, jobs that a previous process left queued
+or running are marked failed: nothing is ever left "running" by a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from backend.errors import AppError, NotFoundError
+from backend.models import Job, JobProgress, JobPublic, utcnow
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("succeeded", "failed", "cancelled")
+# Progress is written to the database at most this often (readers of a live job see it at once).
+PERSIST_EVERY_SECONDS = 0.5
+RESTART_ERROR = "the service stopped while this job was queued or running"
+
+
+def _detached(job: Job) -> Job:
+    """A copy that no session tracks: the live object is only ever changed by its own job."""
+    return Job.model_validate(job.model_dump())
+
+
+class JobCancelled(Exception):
+    """Raised inside a job at a checkpoint after a cancel was requested."""
+
+
+class JobHandle:
+    """What a running job sees of itself."""
+
+    def __init__(self, service: JobService, job: Job) -> None:
+        self._service = service
+        self.job = job
+        self._persisted_at = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    def checkpoint(self) -> None:
+        if self.job.cancel_requested:
+            raise JobCancelled
+
+    async def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
+        """Record progress; also a checkpoint."""
+        self.job.progress_done = done
+        if total is not None:
+            self.job.progress_total = total
+        if message is not None:
+            self.job.message = message
+        now = time.monotonic()
+        if now - self._persisted_at >= PERSIST_EVERY_SECONDS:
+            self._persisted_at = now
+            await self._service._save(self.job)
+        self.checkpoint()
+
+
+JobFunc = Callable[[JobHandle], Awaitable[dict[str, Any]]]
+
+
+class JobService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], concurrency: int = 1) -> None:
+        self._sessions = sessions
+        self._slots = asyncio.Semaphore(concurrency)
+        self._live: dict[str, Job] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+
+    async def recover(self) -> int:
+        """Mark jobs an earlier process left unfinished as failed; returns how many."""
+        async with self._sessions() as session:
+            result = await session.exec(
+                update(Job)  # type: ignore[call-overload]
+                .where(col(Job.status).in_(("queued", "running")))
+                .values(status="failed", error=RESTART_ERROR, finished_at=utcnow())
+            )
+            await session.commit()
+        return int(result.rowcount or 0)
+
+    async def submit(self, kind: str, params: dict[str, Any], func: JobFunc) -> Job:
+        if self._closing:
+            raise AppError("the service is shutting down", code="shutting_down", status_code=503)
+        job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
+        await self._save(job)
+        self._live[job.id] = job
+        self._tasks[job.id] = asyncio.create_task(self._run(job, func), name=f"job-{kind}-{job.id[:8]}")
+        return _detached(job)
+
+    async def _run(self, job: Job, func: JobFunc) -> None:
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            async with self._slots:
+                if job.cancel_requested:
+                    raise JobCancelled
+                job.status = "running"
+                job.started_at = utcnow()
+                await self._save(job)
+                result = await func(JobHandle(self, job))
+            status = "succeeded"
+        except JobCancelled:
+            status = "cancelled"
+        except asyncio.CancelledError:
+            if job.cancel_requested and not self._closing:
+                status = "cancelled"
+            else:
+                status, error = "failed", RESTART_ERROR
+        except AppError as exc:
+            status, error = "failed", exc.detail
+        except Exception as exc:
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"[:1000]
+        # All at once, so no reader sees a finished status without its result and time.
+        job.status, job.result, job.error, job.finished_at = status, result, error, utcnow()
+        try:
+            await asyncio.shield(self._save(job))
+        except Exception:
+            log.exception("could not record the end of job %s", job.id)
+        finally:
+            self._live.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+
+    async def _save(self, job: Job) -> None:
+        async with self._sessions() as session:
+            await session.merge(_detached(job))
+            await session.commit()
+
+    async def get(self, job_id: str) -> Job:
+        live = self._live.get(job_id)
+        if live is not None:
+            return _detached(live)
+        async with self._sessions() as session:
+            job = await session.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} not found", code="job_not_found")
+        return job
+
+    async def list(self, *, limit: int, kind: str | None = None, status: str | None = None) -> list[Job]:
+        query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id)).limit(limit)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        if status is not None:
+            query = query.where(Job.status == status)
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+        return [_detached(self._live[row.id]) if row.id in self._live else row for row in rows]
+
+    async def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one at its next checkpoint."""
+        live = self._live.get(job_id)
+        if live is None or live.status in FINISHED:
+            job = live or await self.get(job_id)
+            raise AppError(f"job {job_id} has already {job.status}", code="job_finished", status_code=409)
+        live.cancel_requested = True
+        task = self._tasks.get(job_id)
+        if live.status == "queued" and task is not None:
+            task.cancel()  # it only waits for a slot: nothing to interrupt
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        else:
+            await self._save(live)
+        return _detached(live)
+
+    def active(self, kind: str) -> Job | None:
+        """The oldest queued or running job of this kind, if any."""
+        for job in self._live.values():
+            if job.kind == kind and job.status not in FINISHED and not job.cancel_requested:
+                return _detached(job)
+        return None
+
+    async def wait(self, job_id: str) -> Job:
+        task = self._tasks.get(job_id)
+        if task is not None:
+            await asyncio.shield(task)
+        return await self.get(job_id)
+
+    async def close(self) -> None:
+        """Stop every job; the ones that were running are recorded as failed."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def to_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]
+        status=job.status,  # type: ignore[arg-type]
+        progress=JobProgress(done=job.progress_done, total=job.progress_total, message=job.message),
+        params=job.params,
+        cancel_requested=job.cancel_requested,
+        result=job.result,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        url=f"/jobs/{job.id}",
+    )

@@ -1,0 +1,201 @@
+"""Clustering runs end to end: the job, the persisted run, its clusters and captions, the zip export."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import httpx
+import pytest
+
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, upload_many, wait_job
+
+
+async def run_clustering(client: httpx.AsyncClient, **body: object) -> dict:
+    response = await client.post("/clusters", json=body)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["kind"] == "cluster" and job["status"] in ("queued", "running")
+    finished = await wait_job(client, job["id"])
+    assert finished["status"] == "succeeded", finished
+    run = (await client.get(f"/clusters/{finished['result']['run_id']}")).json()
+    assert run["job_id"] == job["id"]
+    return run
+
+
+async def test_a_run_groups_every_image_once_with_captions(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 9)
+    run = await run_clustering(client, k=3)
+
+    assert run["k"] == 3 and run["k_requested"] == 3 and not run["auto_k"]
+    assert run["image_count"] == 9
+    assert len(run["clusters"]) == 3
+    sizes = [c["size"] for c in run["clusters"]]
+    assert sum(sizes) == 9 and sizes == sorted(sizes, reverse=True)
+    members: list[int] = []
+    for cluster in run["clusters"]:
+        assert isinstance(cluster["caption"], str)
+        assert 1 <= len(cluster["representatives"]) <= min(4, cluster["size"])
+        page = (await client.get(cluster["images_url"], params={"limit": 500})).json()
+        assert page["size"] == cluster["size"] == len(page["data"])
+        distances = [m["distance"] for m in page["data"]]
+        assert distances == sorted(distances)
+        assert [m["rank"] for m in page["data"]] == list(range(cluster["size"]))
+        # The representatives are the members closest to the centroid.
+        ids = [m["image"]["id"] for m in page["data"]]
+        assert [r["id"] for r in cluster["representatives"]] == ids[: len(cluster["representatives"])]
+        members += ids
+    assert sorted(members) == sorted(image["id"] for image in images)
+
+
+async def test_cluster_pages_are_bounded(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 6)
+    run = await run_clustering(client, k=1)
+    url = run["clusters"][0]["images_url"]
+    first = (await client.get(url, params={"limit": 4})).json()
+    second = (await client.get(url, params={"limit": 4, "offset": 4})).json()
+    assert (len(first["data"]), len(second["data"])) == (4, 2)
+    assert first["size"] == second["size"] == 6
+    assert {m["image"]["id"] for m in first["data"]}.isdisjoint({m["image"]["id"] for m in second["data"]})
+
+
+async def test_get_clusters_computes_once_then_answers_from_the_stored_run(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 5)
+    first = await client.get("/clusters", params={"k": "2"})
+    assert first.status_code == 200, first.text
+    again = (await client.get("/clusters")).json()
+    assert again["id"] == first.json()["id"]
+    refreshed = (await client.get("/clusters", params={"refresh": "true", "k": "auto"})).json()
+    assert refreshed["id"] > again["id"] and refreshed["auto_k"]
+    assert (await client.get("/clusters")).json()["id"] == refreshed["id"]
+    jobs = (await client.get("/jobs", params={"kind": "cluster"})).json()
+    assert jobs["count"] == 2 and all(job["status"] == "succeeded" for job in jobs["data"])
+
+
+async def test_auto_k_and_k_larger_than_the_collection(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 3)
+    auto = await run_clustering(client, k="auto")
+    assert auto["auto_k"] and auto["k_requested"] is None and 1 <= auto["k"] <= 3
+    big = await run_clustering(client, k=50, captions=False)
+    assert big["k"] <= 3 and sum(c["size"] for c in big["clusters"]) == 3
+    assert all(c["caption"] is None for c in big["clusters"])
+
+
+async def test_empty_collection_gives_an_empty_run(client: httpx.AsyncClient) -> None:
+    response = await client.get("/clusters")
+    assert response.status_code == 200, response.text
+    assert response.json()["k"] == 0 and response.json()["clusters"] == []
+
+
+@pytest.mark.parametrize(
+    "body", [{"k": 0}, {"k": -3}, {"k": "many"}, {"k": 100_000}, {"seed": -1}, {"captions": "perhaps"}]
+)
+async def test_bad_cluster_requests_get_422(client: httpx.AsyncClient, body: dict) -> None:
+    response = await client.post("/clusters", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+    assert (await client.get("/jobs")).json()["count"] == 0
+
+
+@pytest.mark.parametrize("k", ["0", "abc", "-1", "1.5"])
+async def test_bad_k_in_the_query_gets_422(client: httpx.AsyncClient, k: str) -> None:
+    response = await client.get("/clusters", params={"k": k})
+    assert response.status_code == 422 and "k must be" in response.json()["detail"]
+
+
+async def test_unknown_run_and_cluster_are_404(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 2)
+    run = await run_clustering(client, k=1, captions=False)
+    for url, code in [
+        ("/clusters/999", "run_not_found"),
+        ("/clusters/999/0", "run_not_found"),
+        (f"/clusters/{run['id']}/7", "cluster_not_found"),
+        ("/clusters/999/export", "run_not_found"),
+    ]:
+        response = await client.get(url)
+        assert response.status_code == 404 and response.json()["code"] == code, url
+
+
+async def test_captions_are_cached_per_image(client: httpx.AsyncClient, caption_calls: list[int]) -> None:
+    await upload_many(client, 4)
+    first = await run_clustering(client, k=2)
+    assert sum(caption_calls) == sum(len(c["representatives"]) for c in first["clusters"])
+    second = await run_clustering(client, k=2)
+    assert sum(caption_calls) == sum(len(c["representatives"]) for c in first["clusters"])  # nothing captioned again
+    assert [c["caption"] for c in second["clusters"]] == [c["caption"] for c in first["clusters"]]
+    representative = first["clusters"][0]["representatives"][0]["id"]
+    assert (await client.get(f"/images/{representative}")).json()["caption"] is not None
+
+
+async def test_without_blip_clusters_have_no_caption_and_say_why(run_app: AppRunner) -> None:
+    async with run_app(blip_model_name="/nonexistent/blip") as client:
+        await upload_many(client, 3)
+        run = await run_clustering(client, k=2)
+        assert all(c["caption"] is None for c in run["clusters"])
+        assert "BLIP model '/nonexistent/blip' is not available" in run["caption_error"]
+
+
+async def test_deleted_images_leave_their_cluster(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 4)
+    run = await run_clustering(client, k=1, captions=False)
+    assert (await client.delete(f"/images/{images[0]['id']}")).status_code == 204
+    after = (await client.get(f"/clusters/{run['id']}")).json()
+    assert after["clusters"][0]["size"] == 3
+    page = (await client.get(after["clusters"][0]["images_url"])).json()
+    assert images[0]["id"] not in {m["image"]["id"] for m in page["data"]}
+
+
+async def test_runs_survive_a_restart(run_app: AppRunner) -> None:
+    async with run_app() as client:
+        await upload_many(client, 4)
+        run = await run_clustering(client, k=2)
+    async with run_app() as client:
+        latest = (await client.get("/clusters")).json()
+        assert latest == run
+
+
+async def test_old_runs_are_pruned(run_app: AppRunner) -> None:
+    async with run_app(cluster_runs_kept=2) as client:
+        await upload_many(client, 3)
+        runs = [await run_clustering(client, k=1, captions=False) for _ in range(3)]
+        assert (await client.get(f"/clusters/{runs[0]['id']}")).status_code == 404
+        assert (await client.get(f"/clusters/{runs[1]['id']}")).status_code == 200
+
+
+async def test_export_zip_has_a_folder_per_cluster_with_the_originals(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 7)
+    # Two uploads under one name must both arrive in the zip.
+    same_name = [("files", ("same.jpg", b, "image/jpeg")) for b in (make_image_bytes(501), make_image_bytes(502))]
+    extra = (await client.post("/images", files=same_name)).json()["items"]
+    images += [item["image"] for item in extra]
+    run = await run_clustering(client, k=3)
+
+    response = await client.get(f"/clusters/{run['id']}/export")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    assert f"clusters-{run['id']}.zip" in response.headers["content-disposition"]
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert archive.testzip() is None
+    names = archive.namelist()
+    folders = sorted({name.split("/")[0] for name in names})
+    assert len(folders) == 3
+    for position, cluster in enumerate(run["clusters"], start=1):
+        folder = next(f for f in folders if f.startswith(f"{position:02d} "))
+        in_folder = [n for n in names if n.startswith(folder + "/")]
+        assert len(in_folder) == cluster["size"]
+    by_sha = {image["sha256"]: image for image in images}
+    contents = {hashlib.sha256(archive.read(name)).hexdigest() for name in names}
+    assert contents == set(by_sha)
+    assert len(names) == len(images) == 9
+    assert sum(name.rsplit("/", 1)[1] in ("same.jpg", "same (2).jpg") for name in names) == 2
+
+
+async def test_get_clusters_waits_for_a_run_on_its_way_instead_of_starting_another(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 4)
+    started = (await client.post("/clusters", json={"k": 2})).json()
+    latest = (await client.get("/clusters")).json()
+    finished = await wait_job(client, started["id"])
+    assert latest["id"] == finished["result"]["run_id"]
+    assert (await client.get("/jobs", params={"kind": "cluster"})).json()["count"] == 1

@@ -1,0 +1,143 @@
+"""Folder import: what it ingests, what it reports, and every path it must refuse."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, wait_job
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> dict[str, Path]:
+    """An import root with photos in it, and a folder outside it."""
+    root = tmp_path / "photos"
+    (root / "trip" / "day2").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (root / "a.jpg").write_bytes(make_image_bytes(1))
+    (root / "b.png").write_bytes(make_image_bytes(2, fmt="PNG"))
+    (root / "trip" / "c.webp").write_bytes(make_image_bytes(3, fmt="WEBP"))
+    (root / "trip" / "day2" / "d.JPG").write_bytes(make_image_bytes(4))
+    (root / "trip" / "broken.jpg").write_bytes(make_image_bytes(5)[:200])
+    (root / "trip" / "notes.txt").write_text("not an image")
+    (root / ".cache" / "hidden.jpg").write_bytes(make_image_bytes(6))
+    (outside / "secret.jpg").write_bytes(make_image_bytes(7))
+    return {"root": root, "outside": outside}
+
+
+@pytest.fixture
+async def importer(run_app: AppRunner, roots: dict[str, Path]) -> AsyncIterator[httpx.AsyncClient]:
+    async with run_app(import_roots=[roots["root"]]) as client:
+        yield client
+
+
+async def start(client: httpx.AsyncClient, path: object, **extra: object) -> httpx.Response:
+    return await client.post("/images/import", json={"path": str(path), **extra})
+
+
+async def test_import_walks_the_folder_and_reports(importer: httpx.AsyncClient, roots: dict[str, Path]) -> None:
+    response = await start(importer, roots["root"])
+    assert response.status_code == 202, response.text
+    job = await wait_job(importer, response.json()["id"])
+    assert job["kind"] == "import" and job["status"] == "succeeded", job
+    result = job["result"]
+    assert (result["created"], result["duplicates"], result["failed"], result["skipped"]) == (4, 0, 1, 1)
+    assert result["failures"][0]["path"].endswith("broken.jpg")
+    assert result["failures"][0]["code"] == "invalid_image"
+    assert job["progress"]["done"] == job["progress"]["total"] == 5
+    listed = (await importer.get("/images")).json()
+    assert sorted(image["filename"] for image in listed["data"]) == ["a.jpg", "b.png", "c.webp", "d.JPG"]
+    # The imported images are searchable like uploads.
+    assert (await importer.get("/search", params={"q": "a trip", "top_k": 10})).json()["count"] == 4
+
+    again = await wait_job(importer, (await start(importer, roots["root"])).json()["id"])
+    assert (again["result"]["created"], again["result"]["duplicates"]) == (0, 4)
+
+
+async def test_non_recursive_import_reads_only_the_top_folder(
+    importer: httpx.AsyncClient, roots: dict[str, Path]
+) -> None:
+    job = await wait_job(importer, (await start(importer, roots["root"], recursive=False)).json()["id"])
+    assert job["result"]["created"] == 2
+
+
+async def test_a_linked_file_pointing_out_is_refused(importer: httpx.AsyncClient, roots: dict[str, Path]) -> None:
+    os.symlink(roots["outside"] / "secret.jpg", roots["root"] / "link.jpg")
+    job = await wait_job(importer, (await start(importer, roots["root"], recursive=False)).json()["id"])
+    assert job["result"]["created"] == 2
+    refused = [f for f in job["result"]["failures"] if f["path"].endswith("link.jpg")]
+    assert refused and refused[0]["code"] == "path_outside_roots"
+    assert "secret.jpg" not in {i["filename"] for i in (await importer.get("/images")).json()["data"]}
+
+
+async def test_a_linked_folder_pointing_out_is_not_followed(
+    importer: httpx.AsyncClient, roots: dict[str, Path]
+) -> None:
+    os.symlink(roots["outside"], roots["root"] / "elsewhere")
+    job = await wait_job(importer, (await start(importer, roots["root"])).json()["id"])
+    assert job["result"]["created"] == 4
+    refused = await start(importer, roots["root"] / "elsewhere")
+    assert refused.status_code == 403 and refused.json()["code"] == "path_outside_roots"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("{outside}", 403, "path_outside_roots"),
+        ("{root}/../private", 400, "path_traversal"),
+        ("{root}/trip/..", 400, "path_traversal"),
+        ("photos/trip", 400, "invalid_path"),
+        ("{root}/missing", 404, "path_not_found"),
+        ("{root}/a.jpg", 400, "not_a_directory"),
+        ("/", 403, "path_outside_roots"),
+        ("{root}/trip\x00", 400, "invalid_path"),
+    ],
+    ids=["outside", "dotdot-out", "dotdot-in", "relative", "missing", "a-file", "filesystem-root", "nul"],
+)
+async def test_refused_paths(
+    importer: httpx.AsyncClient, roots: dict[str, Path], path: str, status: int, code: str
+) -> None:
+    response = await start(importer, path.format(root=roots["root"], outside=roots["outside"]))
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code
+    assert response.json()["detail"]
+    assert (await importer.get("/jobs")).json()["count"] == 0
+
+
+async def test_the_storage_root_is_refused(run_app: AppRunner, settings) -> None:  # type: ignore[no-untyped-def]
+    # A root that holds the service's storage: the storage itself cannot be imported.
+    async with run_app(import_roots=[settings.storage_root.parent]) as client:
+        for target in (settings.storage_root, settings.storage_root / "originals"):
+            response = await start(client, target)
+            assert response.status_code == 403 and response.json()["code"] == "path_is_storage", target
+
+
+async def test_import_is_disabled_without_roots(client: httpx.AsyncClient, roots: dict[str, Path]) -> None:
+    response = await start(client, roots["root"])
+    assert response.status_code == 403 and response.json()["code"] == "import_disabled"
+    assert "IMPORT_ROOTS" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [{}, {"path": ""}, {"path": 3}, {"path": "/x", "recursive": "sometimes"}])
+async def test_bad_import_bodies_are_422(importer: httpx.AsyncClient, body: dict) -> None:
+    response = await importer.post("/images/import", json=body)
+    assert response.status_code == 422
+
+
+async def test_a_cancelled_import_keeps_what_it_stored(run_app: AppRunner, roots: dict[str, Path]) -> None:
+    async with run_app(import_roots=[roots["root"]], embed_batch_size=1) as client:
+        job = (await start(client, roots["root"])).json()
+        await client.delete(f"/jobs/{job['id']}")
+        finished = await wait_job(client, job["id"])
+        assert finished["status"] == "cancelled"
+        stored = (await client.get("/images")).json()["count"]
+        assert stored < 4
+        # Whatever was stored is consistent: every listed image is searchable.
+        assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == stored

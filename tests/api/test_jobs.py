@@ -1,0 +1,147 @@
+"""Background jobs: lifecycle, listing, cancelling, and what a restart does to unfinished jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+
+import httpx
+
+from backend.services.jobs import RESTART_ERROR, JobHandle
+from tests.conftest import AppRunner, app_context
+from tests.helpers import upload_many, wait_job
+
+
+def gated_job(gate: asyncio.Event, steps: int = 3, started: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+    """A job that reports progress, then waits for `gate` before its last checkpoint."""
+
+    async def run(handle: JobHandle) -> dict[str, object]:
+        for step in range(steps):
+            await handle.progress(step, steps, "working")
+        if started is not None:
+            started.set()
+        await gate.wait()
+        await handle.progress(steps, steps, "done")
+        return {"steps": steps}
+
+    return run
+
+
+async def test_job_lifecycle_from_queued_to_succeeded(client: httpx.AsyncClient) -> None:
+    gate = asyncio.Event()
+    job = await app_context(client).jobs.submit("caption", {"why": "test"}, gated_job(gate))
+    seen = (await client.get(f"/jobs/{job.id}")).json()
+    assert seen["status"] in ("queued", "running") and seen["finished_at"] is None
+    gate.set()
+    done = await wait_job(client, job.id)
+    assert done["status"] == "succeeded"
+    assert done["result"] == {"steps": 3}
+    assert done["progress"] == {"done": 3, "total": 3, "message": "done"}
+    assert done["params"] == {"why": "test"} and done["kind"] == "caption"
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    assert done["url"] == f"/jobs/{job.id}"
+
+
+async def test_jobs_are_listed_newest_first_and_filtered(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 2)
+    for _ in range(2):
+        job = (await client.post("/clusters", json={"k": 1, "captions": False})).json()
+        await wait_job(client, job["id"])
+    listed = (await client.get("/jobs")).json()
+    assert listed["count"] == 2
+    assert listed["data"][0]["created_at"] >= listed["data"][1]["created_at"]
+    assert (await client.get("/jobs", params={"kind": "import"})).json()["count"] == 0
+    assert (await client.get("/jobs", params={"status": "succeeded", "limit": 1})).json()["count"] == 1
+    assert (await client.get("/jobs", params={"status": "sleeping"})).status_code == 422
+
+
+async def test_unknown_job_is_404(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "DELETE"):
+        response = await client.request(method, "/jobs/0123456789abcdef")
+        assert response.status_code == 404 and response.json()["code"] == "job_not_found"
+
+
+async def test_cancel_a_running_job_stops_it_at_a_checkpoint(client: httpx.AsyncClient) -> None:
+    gate, started = asyncio.Event(), asyncio.Event()
+    job = await app_context(client).jobs.submit("import", {}, gated_job(gate, started=started))
+    await asyncio.wait_for(started.wait(), 60)
+    assert (await client.get(f"/jobs/{job.id}")).json()["status"] == "running"
+    response = await client.delete(f"/jobs/{job.id}")
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] is True
+    gate.set()
+    finished = await wait_job(client, job.id)
+    assert finished["status"] == "cancelled" and finished["result"] is None
+
+
+async def test_cancel_a_queued_job_at_once(run_app: AppRunner) -> None:
+    async with run_app(job_concurrency=1) as client:
+        gate = asyncio.Event()
+        jobs = app_context(client).jobs
+        first = await jobs.submit("import", {}, gated_job(gate))
+        second = await jobs.submit("import", {}, gated_job(gate))
+        response = await client.delete(f"/jobs/{second.id}")
+        assert response.status_code == 200
+        assert response.json()["status"] == "cancelled"
+        gate.set()
+        assert (await wait_job(client, first.id))["status"] == "succeeded"
+        assert (await client.get(f"/jobs/{second.id}")).json()["status"] == "cancelled"
+
+
+async def test_cancelling_a_finished_job_is_409(client: httpx.AsyncClient) -> None:
+    job = (await client.post("/clusters", json={"captions": False})).json()
+    await wait_job(client, job["id"])
+    response = await client.delete(f"/jobs/{job['id']}")
+    assert response.status_code == 409 and response.json()["code"] == "job_finished"
+
+
+async def test_a_failing_job_reports_its_error(client: httpx.AsyncClient) -> None:
+    async def broken(handle: JobHandle) -> dict[str, object]:
+        raise RuntimeError("the disk is on fire")
+
+    job = await app_context(client).jobs.submit("reindex", {}, broken)
+    finished = await wait_job(client, job.id)
+    assert finished["status"] == "failed"
+    assert finished["error"] == "RuntimeError: the disk is on fire"
+
+
+async def test_the_event_loop_answers_while_a_job_works(client: httpx.AsyncClient) -> None:
+    release = threading.Event()
+    ctx = app_context(client)
+
+    async def busy(handle: JobHandle) -> dict[str, object]:
+        await ctx.executor.run(release.wait, 30)  # blocking work, in the executor
+        return {}
+
+    job = await ctx.jobs.submit("cluster", {}, busy)
+    while (await client.get(f"/jobs/{job.id}")).json()["status"] != "running":
+        await asyncio.sleep(0.01)
+    health = await client.get("/health")
+    assert health.status_code == 200
+    assert (await client.get(f"/jobs/{job.id}")).json()["status"] == "running"
+    release.set()
+    assert (await wait_job(client, job.id))["status"] == "succeeded"
+
+
+async def test_a_restart_never_leaves_a_job_running(run_app: AppRunner, settings) -> None:  # type: ignore[no-untyped-def]
+    async with run_app() as client:
+        stuck = await app_context(client).jobs.submit("import", {}, gated_job(asyncio.Event()))
+        while (await client.get(f"/jobs/{stuck.id}")).json()["status"] != "running":
+            await asyncio.sleep(0.01)
+    # A process killed outright leaves its rows as they were: simulate one left "running" and one "queued".
+    db = sqlite3.connect(settings.storage_root / "organizer.db")
+    with db:
+        for job_id, status in (("a" * 32, "running"), ("b" * 32, "queued")):
+            db.execute(
+                "INSERT INTO job (id, kind, status, params, progress_done, cancel_requested, created_at)"
+                " VALUES (?, 'cluster', ?, '{}', 0, 0, '2026-01-01 00:00:00')",
+                (job_id, status),
+            )
+    db.close()
+    async with run_app() as client:
+        for job_id in (stuck.id, "a" * 32, "b" * 32):
+            job = (await client.get(f"/jobs/{job_id}")).json()
+            assert job["status"] == "failed", job
+            assert job["error"] == RESTART_ERROR
+            assert job["finished_at"] is not None

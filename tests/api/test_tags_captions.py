@@ -1,0 +1,101 @@
+"""Zero-shot tags at ingest, the tag filter, and per-image BLIP captions."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, upload_many, wait_job
+
+
+async def test_uploads_get_their_top_tags(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 3)
+    for image in images:
+        tags = image["tags"]
+        assert len(tags) == 3
+        scores = [t["score"] for t in tags]
+        assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+        assert len({t["tag"] for t in tags}) == 3
+        # The same tags come back from every read path.
+        assert (await client.get(f"/images/{image['id']}")).json()["tags"] == tags
+
+
+async def test_tag_filter_lists_only_tagged_images(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 6)
+    tag = images[0]["tags"][0]["tag"]
+    expected = {image["id"] for image in images if tag in {t["tag"] for t in image["tags"]}}
+    listed = (await client.get("/images", params={"tag": tag})).json()
+    assert listed["count"] == len(expected)
+    assert {image["id"] for image in listed["data"]} == expected
+    assert (await client.get("/images", params={"tag": "no such tag"})).json() == {
+        "data": [],
+        "count": 0,
+        "offset": 0,
+        "limit": 50,
+    }
+
+
+async def test_search_results_carry_tags(client: httpx.AsyncClient) -> None:
+    images = await upload_many(client, 3)
+    by_id = {image["id"]: image["tags"] for image in images}
+    hits = (await client.get("/search", params={"q": "a beach"})).json()["results"]
+    assert hits and all(hit["image"]["tags"] == by_id[hit["image"]["id"]] for hit in hits)
+
+
+async def test_custom_vocabulary_and_threshold(run_app: AppRunner) -> None:
+    async with run_app(tag_vocabulary=["alpha", "beta"], tags_per_image=5) as client:
+        image = (await upload_many(client, 1))[0]
+        assert {t["tag"] for t in image["tags"]} == {"alpha", "beta"}
+        assert sum(t["score"] for t in image["tags"]) == pytest.approx(1.0, abs=1e-4)
+    async with run_app(tag_min_score=0.99) as client:
+        image = (await upload_many(client, 1, first_seed=7))[0]
+        assert image["tags"] == []
+
+
+async def test_tags_go_with_a_deleted_image(client: httpx.AsyncClient) -> None:
+    image = (await upload_many(client, 1))[0]
+    tag = image["tags"][0]["tag"]
+    await client.delete(f"/images/{image['id']}")
+    assert (await client.get("/images", params={"tag": tag})).json()["count"] == 0
+
+
+async def test_caption_on_demand_is_stored_and_reused(client: httpx.AsyncClient, caption_calls: list[int]) -> None:
+    image = (await upload_many(client, 1))[0]
+    assert image["caption"] is None
+    first = await client.post(f"/images/{image['id']}/caption")
+    assert first.status_code == 200, first.text
+    caption = first.json()["caption"]
+    assert isinstance(caption, str) and caption_calls == [1]
+    assert (await client.get(f"/images/{image['id']}")).json()["caption"] == caption
+    assert (await client.post(f"/images/{image['id']}/caption")).json()["caption"] == caption
+    assert caption_calls == [1]
+    refreshed = await client.post(f"/images/{image['id']}/caption", params={"refresh": "true"})
+    assert refreshed.json()["caption"] == caption  # greedy decoding: the same model says the same thing
+    assert caption_calls == [1, 1]
+
+
+async def test_caption_errors(run_app: AppRunner) -> None:
+    async with run_app(blip_model_name="/nonexistent/blip") as client:
+        assert (await client.post("/images/5/caption")).status_code == 404
+        image = (await upload_many(client, 1))[0]
+        response = await client.post(f"/images/{image['id']}/caption")
+        assert response.status_code == 503 and response.json()["code"] == "model_unavailable"
+        assert "BLIP" in response.json()["detail"]
+        health = (await client.get("/health")).json()
+        assert health["captioner"]["state"] == "failed"
+
+
+async def test_caption_on_upload_runs_a_background_job(run_app: AppRunner) -> None:
+    async with run_app(caption_on_upload=True) as client:
+        images = await upload_many(client, 2)
+        jobs = (await client.get("/jobs", params={"kind": "caption"})).json()["data"]
+        assert len(jobs) == 1
+        done = await wait_job(client, jobs[0]["id"])
+        assert done["status"] == "succeeded" and done["result"]["captioned"] == 2
+        for image in images:
+            assert (await client.get(f"/images/{image['id']}")).json()["caption"] is not None
+        # A duplicate upload creates nothing, so it starts no job.
+        again = await client.post("/images", files={"file": ("again.jpg", make_image_bytes(100), "image/jpeg")})
+        assert again.status_code == 200 and again.json()["duplicate"]
+        assert len((await client.get("/jobs", params={"kind": "caption"})).json()["data"]) == 1
