@@ -38,6 +38,9 @@ def resolve_device(requested: str) -> str:
 
 
 PreTrained = TypeVar("PreTrained", bound=PreTrainedModel)
+# from_pretrained is not thread-safe: while one load builds its model on the meta device, another load in a
+# parallel thread can end up with meta tensors ("Cannot copy out of meta tensor"). One load at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_pretrained(model_class: type[PreTrained], model_name: str, device: str) -> tuple[PreTrained, object, str]:
@@ -52,9 +55,11 @@ def load_pretrained(model_class: type[PreTrained], model_name: str, device: str)
     source = str(Path(model_name).expanduser()) if looks_local else model_name
     resolved = resolve_device(device)
     dtype = torch.float16 if resolved == "cuda" else torch.float32
-    model = model_class.from_pretrained(source, dtype=dtype)
+    with _LOAD_LOCK:
+        model = model_class.from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)
     model.to(resolved).eval()
-    return model, AutoProcessor.from_pretrained(source), resolved
+    return model, processor, resolved
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ml.captioner import BlipCaptioner
+from ml.embedder import ClipEmbedder
 from tests.tiny_models import build_tiny_blip
 
 SPECIAL_TOKENS = ("[SEP]", "[CLS]", "[PAD]", "[DEC]", "[ENC]", "[MASK]", "[UNK]")
@@ -155,3 +156,13 @@ def test_threads_share_one_captioner(captioner: BlipCaptioner) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda image: captioner.caption_images([image])[0], batch))
     assert got == expected
+
+
+def test_clip_and_blip_can_load_at_the_same_time(tiny_clip_dir: Path, tiny_blip_dir: Path) -> None:
+    # The service loads CLIP in the background at startup while a first caption request may load BLIP.
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            clip = pool.submit(ClipEmbedder.load, str(tiny_clip_dir), "cpu")
+            blip = pool.submit(BlipCaptioner.load, str(tiny_blip_dir), "cpu")
+            assert clip.result().dim == 16
+            assert blip.result().caption_images([Image.new("RGB", (32, 32), "red")])[0] is not None
