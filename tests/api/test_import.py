@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from backend.services import importer as importer_service
 from tests.conftest import AppRunner
 from tests.helpers import make_image_bytes, wait_job
 
@@ -131,13 +134,32 @@ async def test_bad_import_bodies_are_422(importer: httpx.AsyncClient, body: dict
     assert response.status_code == 422
 
 
-async def test_a_cancelled_import_keeps_what_it_stored(run_app: AppRunner, roots: dict[str, Path]) -> None:
+async def test_a_cancelled_import_keeps_what_it_stored(
+    run_app: AppRunner, roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second file's copy waits until the test has asked for the cancel.
+    reached, release = threading.Event(), threading.Event()
+    real_stage = importer_service.stage_file
+    staged: list[Path] = []
+
+    def stage(store, path, max_bytes):  # type: ignore[no-untyped-def]
+        staged.append(path)
+        if len(staged) == 2:
+            reached.set()
+            release.wait(30)
+        return real_stage(store, path, max_bytes)
+
+    monkeypatch.setattr(importer_service, "stage_file", stage)
     async with run_app(import_roots=[roots["root"]], embed_batch_size=1) as client:
         job = (await start(client, roots["root"])).json()
-        await client.delete(f"/jobs/{job['id']}")
+        assert await asyncio.to_thread(reached.wait, 30)
+        response = await client.delete(f"/jobs/{job['id']}")
+        assert response.status_code == 202 and response.json()["cancel_requested"]
+        release.set()
         finished = await wait_job(client, job["id"])
         assert finished["status"] == "cancelled"
-        stored = (await client.get("/images")).json()["count"]
-        assert stored < 4
-        # Whatever was stored is consistent: every listed image is searchable.
-        assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == stored
+        # The batch under way when the cancel came was finished; nothing after it was read.
+        assert len(staged) == 2
+        assert (await client.get("/images")).json()["count"] == 2
+        # What was stored is whole: every listed image is searchable.
+        assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == 2
