@@ -21,6 +21,7 @@ from backend.errors import install_error_handlers
 from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware
 from backend.routers import clusters, health, images, jobs, reindex, search
+from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
 from backend.services.jobs import JobService
@@ -84,6 +85,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             save_interval=settings.index_save_interval,
         )
         await vectors.load_or_rebuild(sessions)
+        async with sessions() as session:
+            _, stale = await count_images(session=session, model_name=settings.clip_model_name)
+        if stale:
+            log.warning(
+                "%d images were embedded by another CLIP model than %r: they are not searched until "
+                "POST /reindex re-embeds them",
+                stale,
+                settings.clip_model_name,
+            )
         vectors.start_autosave()
         if settings.clip_preload:
             models.start_loading()
