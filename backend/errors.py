@@ -95,8 +95,16 @@ def error_response(status_code: int, detail: str, code: str, **extra: Any) -> JS
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{location}: {err.get('msg')}" if location else str(err.get("msg")))
+        loc = tuple(err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+            continue
+        if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "missing"):
+            parts.append("send a JSON object as the body, with Content-Type: application/json")
+            continue
+        location = ".".join(str(p) for p in loc[1:] if not isinstance(p, int) or loc[0] != "body") or str(loc[0])
+        parts.append(f"{location}: {str(err.get('msg')).removeprefix('Value error, ')}")
     return "; ".join(parts) or "invalid request"
 
 

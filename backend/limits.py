@@ -1,12 +1,15 @@
-"""Request-size limit as pure ASGI middleware, answering in the service's JSON error format."""
+"""HTTP-level middleware answering in the service's JSON error format: the request-size limit and CORS."""
 
 from __future__ import annotations
 
 import json
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.errors import RequestTooLargeError
+from backend.errors import RequestTooLargeError, error_response
 
 
 class BodySizeLimitMiddleware:
@@ -76,3 +79,19 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in the service's JSON error format."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode("utf-8", errors="replace")
+        refused = error_response(400, f"CORS preflight refused: {reason}", "cors_refused")
+        refused.headers.update({k: v for k, v in response.headers.items() if k.lower() not in _BODY_HEADERS})
+        return refused
+
+
+_BODY_HEADERS = {"content-length", "content-type"}

@@ -11,7 +11,6 @@ from functools import partial
 
 import torch
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from backend.config import Settings, get_settings
@@ -19,7 +18,7 @@ from backend.context import AppContext
 from backend.db import create_engine, init_schema, session_factory
 from backend.errors import install_error_handlers
 from backend.executor import Executor
-from backend.limits import BodySizeLimitMiddleware
+from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware
 from backend.routers import clusters, health, images, jobs, reindex, search
 from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
@@ -139,10 +138,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         # Added last so it is the outermost layer: preflights and error answers carry the CORS headers too.
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],
+            # The export's filename and a job's URL are readable by the calling page too.
+            expose_headers=["Content-Disposition", "Location"],
             max_age=600,
         )
     install_error_handlers(app)

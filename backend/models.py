@@ -1,9 +1,9 @@
 """SQLModel tables and the public schemas the API answers with."""
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, NaiveDatetime, field_validator
+from pydantic import BaseModel, ConfigDict, NaiveDatetime, field_validator
 from sqlalchemy import JSON, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
@@ -214,21 +214,27 @@ class JobPublic(BaseModel):
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
-    count: int
+    count: int = Field(description="Jobs that match the filters, on every page.")
+    offset: int
+    limit: int
 
 
 class ClusterRequest(BaseModel):
-    k: int | Literal["auto"] | None = Field(
+    # Strict and closed: `true` is not k=1, "yes" is not a boolean, and a misspelt field is an error.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    k: Annotated[int, Field(ge=1, le=MAX_CLUSTERS)] | Literal["auto"] | None = Field(
         default=None, description='Number of clusters, or "auto" to choose it; default KMEANS_CLUSTERS.'
     )
     captions: bool = Field(default=True, description="Caption each cluster with BLIP.")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed; default CLUSTER_SEED.")
 
-    @field_validator("k")
+    @field_validator("k", mode="before")
     @classmethod
-    def _k_range(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and not 1 <= value <= MAX_CLUSTERS:
-            raise ValueError(f'k must be between 1 and {MAX_CLUSTERS}, or "auto"')
+    def _one_message_for_k(cls, value: object) -> object:
+        whole = type(value) is int and 1 <= value <= MAX_CLUSTERS  # type: ignore[operator]
+        if value is not None and value != "auto" and not whole:
+            raise ValueError(f'k must be a whole number from 1 to {MAX_CLUSTERS}, or "auto"')
         return value
 
 
@@ -285,6 +291,8 @@ class UploadClusters(BaseModel):
 
 
 class ImportRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     path: str = Field(min_length=1, max_length=4096, description="A folder inside one of the IMPORT_ROOTS.")
     recursive: bool = True
 

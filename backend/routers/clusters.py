@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Request, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from backend.deps import ContextDep, SessionDep
@@ -55,18 +55,20 @@ async def latest_clusters(
     refresh: Annotated[bool, Query(description="Compute a new run now, even when one exists.")] = False,
     k: KQuery = None,
     captions: Annotated[bool, Query(description="Caption the clusters with BLIP (when computing).")] = True,
+    seed: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Random seed; default CLUSTER_SEED.")] = None,
 ) -> ClusterRunPublic:
-    """The latest run, at once. When there is none yet, or with `refresh=true`, a run is computed first
-    (as a job, visible in /jobs) and this request waits for it; when there is none yet but a clustering
-    job is already queued or running, this request waits for that one."""
-    run_id = None if refresh else await clustering.latest_run_id(session)
+    """The latest run, at once. When there is none yet (or only an empty one while images exist now), or
+    with `refresh=true`, a run is computed first (as a job, visible in /jobs) and this request waits for
+    it; when a clustering job is already queued or running, this request waits for that one instead."""
+    chosen_k = _k(k, ctx.settings.kmeans_clusters)
+    run_id = None if refresh else await clustering.latest_run_id(session, usable_for=len(ctx.vectors.index))
     await session.commit()  # no read transaction stays open while a run is computed
     if run_id is None:
         # Without refresh, a run already on its way is awaited rather than computed twice.
         job = None if refresh else ctx.jobs.active("cluster")
         if job is None:
             job = await clustering.start_run(
-                ctx, k=_k(k, ctx.settings.kmeans_clusters), captions=captions, seed=ctx.settings.cluster_seed
+                ctx, k=chosen_k, captions=captions, seed=ctx.settings.cluster_seed if seed is None else seed
             )
         job = await ctx.jobs.wait(job.id)
         if job.status != "succeeded" or job.result is None:
@@ -83,14 +85,18 @@ async def latest_clusters(
     status_code=status.HTTP_202_ACCEPTED,
     summary="Start a clustering run (a job)",
 )
-async def start_clustering(ctx: ContextDep, request: Annotated[ClusterRequest | None, Body()] = None) -> JobPublic:
+async def start_clustering(
+    ctx: ContextDep, response: Response, request: Annotated[ClusterRequest | None, Body()] = None
+) -> JobPublic:
     """Clusters the stored images with MiniBatchKMeans (`k` a number, or "auto" to choose it by
     silhouette) and, with `captions`, writes a BLIP caption per cluster. Poll the returned job; its
     result holds the `run_id`."""
     request = request or ClusterRequest()
     k = clustering.resolve_k(request.k, ctx.settings.kmeans_clusters)
     seed = ctx.settings.cluster_seed if request.seed is None else request.seed
-    return to_public(await clustering.start_run(ctx, k=k, captions=request.captions, seed=seed))
+    job = to_public(await clustering.start_run(ctx, k=k, captions=request.captions, seed=seed))
+    response.headers["Location"] = job.url
+    return job
 
 
 @router.get(

@@ -158,11 +158,13 @@ async def list_images(
         503: {"model": ErrorBody, "description": "The CLIP model is not available"},
     },
 )
-async def import_folder(ctx: ContextDep, request: ImportRequest) -> JobPublic:
+async def import_folder(ctx: ContextDep, request: ImportRequest, response: Response) -> JobPublic:
     """Walks the folder (recursively by default) and ingests every image file like an upload. The path
     must resolve, symlinks followed, inside one of IMPORT_ROOTS. Unreadable or invalid files are counted
     and listed in the job's result; they do not stop the import."""
-    return to_public(await start_import(ctx, request.path, recursive=request.recursive))
+    job = to_public(await start_import(ctx, request.path, recursive=request.recursive))
+    response.headers["Location"] = job.url
+    return job
 
 
 @router.get("/{image_id}", response_model=ImagePublic, summary="One image's metadata", responses=_NOT_FOUND)

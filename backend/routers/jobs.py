@@ -17,11 +17,12 @@ async def list_jobs(
     ctx: ContextDep,
     kind: JobKind | None = None,
     status: JobStatus | None = None,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobsPublic:
     """Clustering, import, re-embedding and captioning jobs, with their progress and results."""
-    jobs = await ctx.jobs.list(limit=limit, kind=kind, status=status)
-    return JobsPublic(data=[to_public(job) for job in jobs], count=len(jobs))
+    jobs, total = await ctx.jobs.list(offset=offset, limit=limit, kind=kind, status=status)
+    return JobsPublic(data=[to_public(job) for job in jobs], count=total, offset=offset, limit=limit)
 
 
 @router.get(

@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from backend.deps import ContextDep
 from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, JobPublic
@@ -19,10 +19,13 @@ router = APIRouter(tags=["jobs"], responses=VALIDATION_ERROR_RESPONSE)
 )
 async def reindex(
     ctx: ContextDep,
+    response: Response,
     all_images: Annotated[
         bool, Query(alias="all", description="Re-embed every image, not only those another model embedded.")
     ] = False,
 ) -> JobPublic:
     """Images whose vector another CLIP_MODEL_NAME made (`stale_embeddings` in /health) are read again
     from their originals and embedded and tagged by the current model. Search keeps answering meanwhile."""
-    return to_public(await start_reindex(ctx, all_images=all_images))
+    job = to_public(await start_reindex(ctx, all_images=all_images))
+    response.headers["Location"] = job.url
+    return job

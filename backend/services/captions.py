@@ -46,6 +46,9 @@ async def caption_stored(
             captions[image_id] = row.caption
         else:
             todo.append(row)
+    total = len(captions) + len(todo)
+    if progress is not None:
+        await progress(len(captions), total)
     for start in range(0, len(todo), captioner.batch_size):
         batch = todo[start : start + captioner.batch_size]
         inputs = await asyncio.gather(
@@ -77,7 +80,7 @@ async def caption_stored(
                     captions[row.id] = text
                 await session.commit()
         if progress is not None:
-            await progress(min(start + len(batch), len(todo)), len(todo))
+            await progress(total - len(todo) + start + len(batch), total)
     return captions
 
 

@@ -180,8 +180,12 @@ async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, capt
         return run.id
 
 
-async def latest_run_id(session: AsyncSession) -> int | None:
-    return (await session.exec(select(func.max(ClusterRun.id)))).one()
+async def latest_run_id(session: AsyncSession, *, usable_for: int) -> int | None:
+    """The newest run; None when there is none, or when it is empty but `usable_for` images exist now."""
+    run = (await session.exec(select(ClusterRun).order_by(col(ClusterRun.id).desc()).limit(1))).first()
+    if run is None or (run.image_count == 0 and usable_for > 0):
+        return None
+    return run.id
 
 
 async def get_run(session: AsyncSession, run_id: int) -> ClusterRunPublic:
@@ -298,11 +302,20 @@ async def cluster_uploads(
     ctx: AppContext, files: list[IncomingFile], *, k: int | None, captions: bool
 ) -> UploadClusters:
     """Cluster images that are not stored: embed, k-means, caption each cluster, forget them."""
+    seen: set[str] = set()
     for item in files:
         if item.error is not None:
             raise AppError(
                 f"{item.filename}: {item.error.detail}", code=item.error.code, status_code=item.error.status_code
             )
+        if not item.filename:
+            raise AppError("every file needs a filename: the answer lists images by it", code="missing_filename")
+        if item.filename in seen:
+            raise AppError(
+                f"two files are named {item.filename!r}: the answer lists images by filename, so names must differ",
+                code="duplicate_filename",
+            )
+        seen.add(item.filename)
     embedder = await ctx.models.get()
     captioner = await ctx.captioner.get() if captions else None  # 503 before the work when BLIP is missing
     paths = [item.staged.path for item in files if item.staged is not None]

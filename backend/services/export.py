@@ -6,6 +6,7 @@ at a time through the executor, so memory stays flat whatever the collection's s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import unicodedata
@@ -111,8 +112,13 @@ class _ZipWriter:
         return self.sink.take()
 
     def abandon(self) -> None:
-        if self._source is not None:
-            self._source.close()
+        """The client went away: close everything quietly (the rest only goes to the in-memory sink)."""
+        for closing in (self._source, self._target, self.zip):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    closing.close()
+        self._source = self._target = None
+        self.sink.take()
 
 
 def _zip_time(moment: datetime) -> tuple[int, int, int, int, int, int]:

@@ -118,6 +118,16 @@ def stage_file(store: FileStore, path: Path, max_bytes: int) -> StagedFile:
     return writer.finish()
 
 
+async def _stage(ctx: AppContext, path: Path) -> IncomingFile:
+    try:
+        staged = await ctx.executor.run(stage_file, ctx.store, path, ctx.settings.max_upload_bytes)
+    except AppError as exc:
+        return IncomingFile(filename=path.name, error=exc)
+    except OSError as exc:
+        return IncomingFile(filename=path.name, error=AppError(f"could not read: {exc.strerror}", code="unreadable"))
+    return IncomingFile(filename=path.name, staged=staged)
+
+
 async def start_import(ctx: AppContext, raw_path: str, *, recursive: bool) -> Job:
     settings = ctx.settings
     folder = check_import_path(raw_path, roots=settings.import_roots, storage_root=settings.storage_root)
@@ -137,23 +147,25 @@ async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool
     )
     counts = {"created": 0, "duplicates": 0, "failed": len(failures)}
     created_ids: list[int] = []
+
+    def summary(done: int) -> dict[str, Any]:
+        return {
+            **counts,
+            "skipped": skipped,
+            "files": len(paths),
+            "files_done": done,
+            "failures": failures[:MAX_LISTED_FAILURES],
+            "image_ids": created_ids[:MAX_LISTED_FAILURES],
+        }
+
     await handle.progress(0, len(paths), "importing")
     for start in range(0, len(paths), settings.embed_batch_size):
         batch = paths[start : start + settings.embed_batch_size]
         incoming: list[IncomingFile] = []
-        for path in batch:
-            try:
-                staged = await ctx.executor.run(stage_file, ctx.store, path, settings.max_upload_bytes)
-                incoming.append(IncomingFile(filename=path.name, staged=staged))
-            except AppError as exc:
-                incoming.append(IncomingFile(filename=path.name, error=exc))
-            except OSError as exc:
-                incoming.append(
-                    IncomingFile(
-                        filename=path.name, error=AppError(f"could not read: {exc.strerror}", code="unreadable")
-                    )
-                )
         try:
+            for path in batch:
+                handle.checkpoint()  # a cancel stops before the next copy; staged files are removed below
+                incoming.append(await _stage(ctx, path))
             async with ctx.sessions() as session:
                 outcomes = await ingest_files(ctx=ctx, session=session, files=incoming)
         finally:
@@ -170,14 +182,9 @@ async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool
                 counts["created"] += 1
                 assert outcome.image is not None and outcome.image.id is not None
                 created_ids.append(outcome.image.id)
+        handle.partial = summary(start + len(batch))
         await handle.progress(start + len(batch), len(paths), "importing")
-    result: dict[str, Any] = {
-        **counts,
-        "skipped": skipped,
-        "files": len(paths),
-        "failures": failures[:MAX_LISTED_FAILURES],
-        "image_ids": created_ids[:MAX_LISTED_FAILURES],
-    }
+    result = summary(len(paths))
     if settings.caption_on_upload and created_ids:
 
         async def progress(done: int, total: int) -> None:

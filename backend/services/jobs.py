@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -48,6 +48,8 @@ class JobHandle:
         self._service = service
         self.job = job
         self._persisted_at = 0.0
+        # What the job has done so far; kept as its result when it is cancelled or fails part-way.
+        self.partial: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -62,10 +64,11 @@ class JobHandle:
         self.job.progress_done = done
         if total is not None:
             self.job.progress_total = total
+        new_phase = message is not None and message != self.job.message
         if message is not None:
             self.job.message = message
         now = time.monotonic()
-        if now - self._persisted_at >= PERSIST_EVERY_SECONDS:
+        if new_phase or now - self._persisted_at >= PERSIST_EVERY_SECONDS:
             self._persisted_at = now
             await self._service._save(self.job)
         self.checkpoint()
@@ -105,6 +108,7 @@ class JobService:
     async def _run(self, job: Job, func: JobFunc) -> None:
         result: dict[str, Any] | None = None
         error: str | None = None
+        handle = JobHandle(self, job)
         try:
             async with self._slots:
                 if job.cancel_requested:
@@ -112,8 +116,11 @@ class JobService:
                 job.status = "running"
                 job.started_at = utcnow()
                 await self._save(job)
-                result = await func(JobHandle(self, job))
+                result = await func(handle)
             status = "succeeded"
+            if job.progress_total is not None:
+                job.progress_done = job.progress_total
+            job.message = "done"
         except JobCancelled:
             status = "cancelled"
         except asyncio.CancelledError:
@@ -126,6 +133,8 @@ class JobService:
         except Exception as exc:
             log.exception("job %s (%s) failed", job.id, job.kind)
             status, error = "failed", f"{type(exc).__name__}: {exc}"[:1000]
+        if result is None:
+            result = handle.partial
         # All at once, so no reader sees a finished status without its result and time.
         job.status, job.result, job.error, job.finished_at = status, result, error, utcnow()
         try:
@@ -151,22 +160,29 @@ class JobService:
             raise NotFoundError(f"job {job_id} not found", code="job_not_found")
         return job
 
-    async def list(self, *, limit: int, kind: str | None = None, status: str | None = None) -> list[Job]:
-        query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id)).limit(limit)
+    async def list(
+        self, *, offset: int, limit: int, kind: str | None = None, status: str | None = None
+    ) -> tuple[list[Job], int]:
+        """A page of jobs, newest first, and how many match in all."""
+        filters = []
         if kind is not None:
-            query = query.where(Job.kind == kind)
+            filters.append(Job.kind == kind)
         if status is not None:
-            query = query.where(Job.status == status)
+            filters.append(Job.status == status)
+        query = (
+            select(Job).where(*filters).order_by(col(Job.created_at).desc(), col(Job.id)).offset(offset).limit(limit)
+        )
         async with self._sessions() as session:
             rows = (await session.exec(query)).all()
-        return [_detached(self._live[row.id]) if row.id in self._live else row for row in rows]
+            total = (await session.exec(select(func.count()).select_from(Job).where(*filters))).one()
+        return [_detached(self._live[row.id]) if row.id in self._live else row for row in rows], total
 
     async def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next checkpoint."""
         live = self._live.get(job_id)
         if live is None or live.status in FINISHED:
             job = live or await self.get(job_id)
-            raise AppError(f"job {job_id} has already {job.status}", code="job_finished", status_code=409)
+            raise AppError(f"job {job_id} has finished already ({job.status})", code="job_finished", status_code=409)
         live.cancel_requested = True
         task = self._tasks.get(job_id)
         if live.status == "queued" and task is not None:

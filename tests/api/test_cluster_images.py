@@ -102,6 +102,7 @@ async def test_cors_preflight_from_an_allowed_origin(run_app: AppRunner) -> None
             headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
         )
         assert other.status_code == 400
+        assert other.json()["code"] == "cors_refused" and "origin" in other.json()["detail"].lower()
         assert "access-control-allow-origin" not in other.headers
 
 
@@ -112,3 +113,19 @@ async def test_no_cross_origin_access_by_default(client: httpx.AsyncClient) -> N
     assert "access-control-allow-origin" not in preflight.headers
     response = await client.post("/cluster-images", files=upload(["a.jpg"]), headers={"Origin": ORIGIN})
     assert "access-control-allow-origin" not in response.headers
+
+
+async def test_filenames_must_identify_the_images(client: httpx.AsyncClient) -> None:
+    response = await client.post("/cluster-images", files=upload(["same.jpg", "b.jpg", "same.jpg"]))
+    assert response.status_code == 400 and response.json()["code"] == "duplicate_filename"
+    assert "same.jpg" in response.json()["detail"]
+    # What `curl -F "files=@a.jpg;filename="` sends: a file part whose filename is empty.
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="files"; filename=""\r\nContent-Type: image/jpeg\r\n\r\n'
+        + make_image_bytes(1)
+        + b"\r\n--b--\r\n"
+    )
+    response = await client.post(
+        "/cluster-images", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 400 and response.json()["code"] == "missing_filename"

@@ -83,16 +83,39 @@ async def test_auto_k_and_k_larger_than_the_collection(client: httpx.AsyncClient
     assert all(c["caption"] is None for c in big["clusters"])
 
 
-async def test_empty_collection_gives_an_empty_run(client: httpx.AsyncClient) -> None:
+async def test_empty_collection_gives_an_empty_run_until_images_arrive(client: httpx.AsyncClient) -> None:
     response = await client.get("/clusters")
     assert response.status_code == 200, response.text
     assert response.json()["k"] == 0 and response.json()["clusters"] == []
+    await upload_many(client, 3)
+    latest = (await client.get("/clusters")).json()
+    assert latest["image_count"] == 3 and latest["id"] > response.json()["id"]
+
+
+async def test_a_started_run_points_at_its_job(client: httpx.AsyncClient) -> None:
+    response = await client.post("/clusters", json={"captions": False})
+    assert response.status_code == 202
+    assert response.headers["location"] == f"/jobs/{response.json()['id']}"
+    await wait_job(client, response.json()["id"])
 
 
 @pytest.mark.parametrize(
-    "body", [{"k": 0}, {"k": -3}, {"k": "many"}, {"k": 100_000}, {"seed": -1}, {"captions": "perhaps"}]
+    "body",
+    [
+        {"k": 0},
+        {"k": -3},
+        {"k": "many"},
+        {"k": 100_000},
+        {"k": True},
+        {"k": 3.0},
+        {"seed": -1},
+        {"captions": "yes"},
+        {"captions": 1},
+        {"captons": False},
+        [2],
+    ],
 )
-async def test_bad_cluster_requests_get_422(client: httpx.AsyncClient, body: dict) -> None:
+async def test_bad_cluster_requests_get_422(client: httpx.AsyncClient, body: object) -> None:
     response = await client.post("/clusters", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["code"] == "validation_error"

@@ -161,5 +161,7 @@ async def test_a_cancelled_import_keeps_what_it_stored(
         # The batch under way when the cancel came was finished; nothing after it was read.
         assert len(staged) == 2
         assert (await client.get("/images")).json()["count"] == 2
+        # The result tells what the import did before it stopped.
+        assert (finished["result"]["created"], finished["result"]["files_done"]) == (2, 2)
         # What was stored is whole: every listed image is searchable.
         assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == 2

@@ -52,7 +52,8 @@ async def test_jobs_are_listed_newest_first_and_filtered(client: httpx.AsyncClie
     assert listed["count"] == 2
     assert listed["data"][0]["created_at"] >= listed["data"][1]["created_at"]
     assert (await client.get("/jobs", params={"kind": "import"})).json()["count"] == 0
-    assert (await client.get("/jobs", params={"status": "succeeded", "limit": 1})).json()["count"] == 1
+    page = (await client.get("/jobs", params={"status": "succeeded", "limit": 1, "offset": 1})).json()
+    assert page["count"] == 2 and [job["id"] for job in page["data"]] == [listed["data"][1]["id"]]
     assert (await client.get("/jobs", params={"status": "sleeping"})).status_code == 422
 
 
