@@ -9,6 +9,7 @@ import codecs
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -18,6 +19,9 @@ from backend.errors import AppError, TooManyFilesError
 from backend.executor import Executor
 from backend.services.ingest import IncomingFile
 from backend.services.storage import FileStore, StagingWriter
+
+if TYPE_CHECKING:
+    from backend.context import AppContext
 
 MAX_TEXT_FIELDS = 16
 
@@ -142,6 +146,24 @@ async def receive_files(
                 await executor.run(received.writer.abort)
             if received.staged is not None:
                 await executor.run(store.discard, received.staged)  # a no-op once ingest moved it
+
+
+@asynccontextmanager
+async def receive_uploads(
+    request: Request, ctx: AppContext, *, fields: set[str], missing: str, max_files: int | None = None
+) -> AsyncIterator[list[ReceivedFile]]:
+    """receive_files with the app's limits; a body without any file part is a 422 that says `missing`."""
+    async with receive_files(
+        request,
+        store=ctx.store,
+        executor=ctx.executor,
+        fields=fields,
+        max_files=ctx.settings.max_files_per_request if max_files is None else max_files,
+        max_file_bytes=ctx.settings.max_upload_bytes,
+    ) as received:
+        if not received:
+            raise AppError(missing, code="no_file", status_code=422)
+        yield list(received)
 
 
 async def _parse(

@@ -15,7 +15,7 @@ from backend.models import (
     JobPublic,
     UploadClusters,
 )
-from backend.multipart import multipart_body, receive_files
+from backend.multipart import multipart_body, receive_uploads
 from backend.services import clustering
 from backend.services.export import stream_zip
 from backend.services.jobs import to_public
@@ -163,14 +163,7 @@ async def cluster_images_stateless(
     await ctx.models.get()
     if captions:
         await ctx.captioner.get()
-    async with receive_files(
-        request,
-        store=ctx.store,
-        executor=ctx.executor,
-        fields={"files", "file"},
-        max_files=ctx.settings.max_files_per_request,
-        max_file_bytes=ctx.settings.max_upload_bytes,
+    async with receive_uploads(
+        request, ctx, fields={"files", "file"}, missing="send images as multipart/form-data in the field `files`"
     ) as received:
-        if not received:
-            raise AppError("send images as multipart/form-data in the field `files`", code="no_file", status_code=422)
-        return await clustering.cluster_uploads(ctx, list(received), k=chosen_k, captions=captions)
+        return await clustering.cluster_uploads(ctx, received, k=chosen_k, captions=captions)

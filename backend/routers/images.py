@@ -4,7 +4,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 
 from backend.deps import ContextDep, SessionDep
-from backend.errors import AppError, NotFoundError
+from backend.errors import NotFoundError
 from backend.models import (
     VALIDATION_ERROR_RESPONSE,
     ErrorBody,
@@ -19,7 +19,7 @@ from backend.models import (
     UploadError,
     UploadItem,
 )
-from backend.multipart import multipart_body, receive_files
+from backend.multipart import multipart_body, receive_uploads
 from backend.services import catalog, search
 from backend.services.captions import caption_stored, start_caption_job
 from backend.services.importer import start_import
@@ -62,22 +62,16 @@ async def upload_images(
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
     await ctx.models.get()  # 503 before the body is read when the model is unavailable (ingest asks again)
-    async with receive_files(
+    async with receive_uploads(
         request,
-        store=ctx.store,
-        executor=ctx.executor,
+        ctx,
         fields={"file", "files"},
-        max_files=ctx.settings.max_files_per_request,
-        max_file_bytes=ctx.settings.max_upload_bytes,
+        missing="send images as multipart/form-data in the field `file` or `files`",
     ) as received:
-        if not received:
-            raise AppError(
-                "send images as multipart/form-data in the field `file` or `files`", code="no_file", status_code=422
-            )
         outcomes = await ingest_files(
             ctx=ctx,
             session=session,
-            files=list(received),
+            files=received,
         )
     created = [o.image.id for o in outcomes if o.created and o.image is not None and o.image.id is not None]
     if ctx.settings.caption_on_upload and created:

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request
 from backend.deps import ContextDep, SessionDep
 from backend.errors import AppError
 from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, SearchResults
-from backend.multipart import multipart_body, receive_files
+from backend.multipart import multipart_body, receive_uploads
 from backend.services import search as search_service
 from backend.services.ingest import embed_query_image
 
@@ -41,18 +41,13 @@ async def search_text(
 async def search_image(request: Request, ctx: ContextDep, session: SessionDep, top_k: TopK = 10) -> SearchResults:
     """Image -> image search with a query image that is embedded and then discarded."""
     await ctx.models.get()  # 503 before the body is read when the model is unavailable
-    async with receive_files(
+    async with receive_uploads(
         request,
-        store=ctx.store,
-        executor=ctx.executor,
+        ctx,
         fields={"file"},
         max_files=1,
-        max_file_bytes=ctx.settings.max_upload_bytes,
+        missing="send the query image as multipart/form-data in the field `file`",
     ) as received:
-        if not received:
-            raise AppError(
-                "send the query image as multipart/form-data in the field `file`", code="no_file", status_code=422
-            )
         if received[0].error is not None:
             raise received[0].error
         assert received[0].staged is not None
