@@ -7,6 +7,7 @@ symlinks resolved, the result inside one of the configured roots and outside STO
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -41,27 +42,38 @@ def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Pat
         )
     if "\x00" in raw:
         raise ImportPathError("the path contains a NUL character", code="invalid_path", status_code=400)
-    given = Path(raw).expanduser()
     if ".." in PurePath(raw).parts:
         raise ImportPathError("the path must not contain '..' components", code="path_traversal", status_code=400)
+    try:
+        given = Path(raw).expanduser()
+    except RuntimeError as exc:  # `~name` for a user this machine does not know
+        raise ImportPathError(f"{raw}: unknown user in `~`", code="invalid_path", status_code=400) from exc
     if not given.is_absolute():
         raise ImportPathError("the path must be absolute", code="invalid_path", status_code=400)
+    outside = ImportPathError(
+        f"{raw} is outside the import roots ({', '.join(map(str, roots))})", code="path_outside_roots"
+    )
+    # Where the path leads is checked before whether it exists, so the answers say nothing about what
+    # lies outside the roots (nor where a link there points).
     try:
-        resolved = given.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:  # missing, a symlink loop, unreadable
-        raise ImportPathError(
-            f"the folder {raw} does not exist or cannot be read", code="path_not_found", status_code=404
-        ) from exc
-    if not resolved.is_dir():
-        raise ImportPathError(f"{raw} is not a folder", code="not_a_directory", status_code=400)
+        resolved = given.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        if not any(given.is_relative_to(root) for root in roots):
+            raise outside from exc
+        raise ImportPathError(f"the folder {raw} cannot be read", code="path_not_found", status_code=404) from exc
     if not any(resolved.is_relative_to(root) for root in roots):
-        raise ImportPathError(
-            f"{raw} resolves to {resolved}, which is outside the import roots ({', '.join(map(str, roots))})",
-            code="path_outside_roots",
-        )
+        raise outside
     if resolved.is_relative_to(storage_root):
         # A folder that merely contains STORAGE_ROOT is fine: the walk skips the storage subtree.
         raise ImportPathError("the service's own storage folder cannot be imported", code="path_is_storage")
+    try:
+        is_dir = stat.S_ISDIR(resolved.stat().st_mode)
+    except OSError as exc:  # missing, or a parent folder that cannot be entered
+        raise ImportPathError(
+            f"the folder {raw} does not exist or cannot be read", code="path_not_found", status_code=404
+        ) from exc
+    if not is_dir:
+        raise ImportPathError(f"{raw} is not a folder", code="not_a_directory", status_code=400)
     return resolved
 
 
@@ -96,7 +108,7 @@ def find_files(
                     {
                         "path": str(path),
                         "code": "path_outside_roots",
-                        "detail": f"links to {real}, outside the import roots",
+                        "detail": "a link that leads outside the import roots",
                     }
                 )
                 continue
@@ -130,7 +142,9 @@ async def _stage(ctx: AppContext, path: Path) -> IncomingFile:
 
 async def start_import(ctx: AppContext, raw_path: str, *, recursive: bool) -> Job:
     settings = ctx.settings
-    folder = check_import_path(raw_path, roots=settings.import_roots, storage_root=settings.storage_root)
+    folder = await ctx.executor.run(
+        check_import_path, raw_path, roots=settings.import_roots, storage_root=settings.storage_root
+    )
     await ctx.models.get()  # 503 now rather than a failed job when CLIP is unavailable
 
     async def run(handle: JobHandle) -> dict[str, Any]:

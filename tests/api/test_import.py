@@ -88,6 +88,7 @@ async def test_a_linked_folder_pointing_out_is_not_followed(
     assert job["result"]["created"] == 4
     refused = await start(importer, roots["root"] / "elsewhere")
     assert refused.status_code == 403 and refused.json()["code"] == "path_outside_roots"
+    assert str(roots["outside"]) not in refused.json()["detail"]  # where the link leads stays private
 
 
 @pytest.mark.parametrize(
@@ -101,8 +102,24 @@ async def test_a_linked_folder_pointing_out_is_not_followed(
         ("{root}/a.jpg", 400, "not_a_directory"),
         ("/", 403, "path_outside_roots"),
         ("{root}/trip\x00", 400, "invalid_path"),
+        ("~no-such-user-here/photos", 400, "invalid_path"),
+        # Outside the roots, missing and existing paths get the same answer: nothing there is probed.
+        ("{outside}/missing", 403, "path_outside_roots"),
+        ("{outside}/secret.jpg", 403, "path_outside_roots"),
     ],
-    ids=["outside", "dotdot-out", "dotdot-in", "relative", "missing", "a-file", "filesystem-root", "nul"],
+    ids=[
+        "outside",
+        "dotdot-out",
+        "dotdot-in",
+        "relative",
+        "missing",
+        "a-file",
+        "filesystem-root",
+        "nul",
+        "unknown-user",
+        "outside-missing",
+        "outside-file",
+    ],
 )
 async def test_refused_paths(
     importer: httpx.AsyncClient, roots: dict[str, Path], path: str, status: int, code: str
