@@ -35,7 +35,7 @@ def _k(value: str | None, default: int | str) -> int | None:
     """A k from the query string: a number or "auto"; None = KMEANS_CLUSTERS."""
     if value is None or value == "auto":
         return clustering.resolve_k(value, default)
-    if not value.isdigit() or not 1 <= int(value) <= MAX_CLUSTERS:
+    if not (value.isascii() and value.isdigit() and len(value) <= 6) or not 1 <= int(value) <= MAX_CLUSTERS:
         raise AppError(
             f'k must be a number from 1 to {MAX_CLUSTERS}, or "auto"', code="validation_error", status_code=422
         )
@@ -54,21 +54,40 @@ async def latest_clusters(
     session: SessionDep,
     refresh: Annotated[bool, Query(description="Compute a new run now, even when one exists.")] = False,
     k: KQuery = None,
-    captions: Annotated[bool, Query(description="Caption the clusters with BLIP (when computing).")] = True,
+    captions: Annotated[
+        bool | None, Query(description="Caption the clusters with BLIP (default true when computing).")
+    ] = None,
     seed: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Random seed; default CLUSTER_SEED.")] = None,
 ) -> ClusterRunPublic:
-    """The latest run, at once. When there is none yet (or only an empty one while images exist now), or
-    with `refresh=true`, a run is computed first (as a job, visible in /jobs) and this request waits for
-    it; when a clustering job is already queued or running, this request waits for that one instead."""
+    """The latest run, at once. A new run is computed first (as a job, visible in /jobs), and this request
+    waits for it, when there is none yet, with `refresh=true`, when `k`, `seed` or `captions` are given
+    and the latest run was made otherwise, or when the latest run is empty or was made by another CLIP
+    model while images embedded by the current one exist. Without parameters, a clustering job already
+    queued or running is awaited instead of starting another."""
     chosen_k = _k(k, ctx.settings.kmeans_clusters)
-    run_id = None if refresh else await clustering.latest_run_id(session, usable_for=len(ctx.vectors.index))
+    given = {"k": chosen_k} if k is not None else {}
+    run_id = (
+        None
+        if refresh
+        else await clustering.latest_run_id(
+            session,
+            usable_for=len(ctx.vectors.index),
+            model=ctx.settings.clip_model_name,
+            seed=seed,
+            captions=captions,
+            **given,
+        )
+    )
     await session.commit()  # no read transaction stays open while a run is computed
     if run_id is None:
         # Without refresh, a run already on its way is awaited rather than computed twice.
-        job = None if refresh else ctx.jobs.active("cluster")
+        job = None if refresh or given or seed is not None or captions is not None else ctx.jobs.active("cluster")
         if job is None:
             job = await clustering.start_run(
-                ctx, k=chosen_k, captions=captions, seed=ctx.settings.cluster_seed if seed is None else seed
+                ctx,
+                k=chosen_k,
+                captions=captions is not False,
+                seed=ctx.settings.cluster_seed if seed is None else seed,
             )
         job = await ctx.jobs.wait(job.id)
         if job.status != "succeeded" or job.result is None:

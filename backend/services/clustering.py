@@ -180,12 +180,31 @@ async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, capt
         return run.id
 
 
-async def latest_run_id(session: AsyncSession, *, usable_for: int) -> int | None:
-    """The newest run; None when there is none, or when it is empty but `usable_for` images exist now."""
+_UNSET: Any = object()
+
+
+async def latest_run_id(
+    session: AsyncSession,
+    *,
+    usable_for: int,
+    model: str,
+    k: int | None = _UNSET,
+    seed: int | None = None,
+    captions: bool | None = None,
+) -> int | None:
+    """The newest run when it still answers the question; None when a new one should be computed: there
+    is none, it is empty while `usable_for` images are searchable now, another CLIP model made it while
+    this one's vectors exist, or it differs from a `k` (None = auto), `seed` or `captions` asked for."""
     run = (await session.exec(select(ClusterRun).order_by(col(ClusterRun.id).desc()).limit(1))).first()
-    if run is None or (run.image_count == 0 and usable_for > 0):
+    if run is None:
         return None
-    return run.id
+    stale = usable_for > 0 and (run.image_count == 0 or run.embedding_model != model)
+    differs = (
+        (k is not _UNSET and run.k_requested != k)
+        or (seed is not None and run.seed != seed)
+        or (captions is not None and run.captions != captions)
+    )
+    return None if stale or differs else run.id
 
 
 async def get_run(session: AsyncSession, run_id: int) -> ClusterRunPublic:

@@ -81,6 +81,10 @@ class JobService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], concurrency: int = 1) -> None:
         self._sessions = sessions
         self._slots = asyncio.Semaphore(concurrency)
+        # Clustering has a lane of its own: it takes seconds, and GET /clusters waits for it, so it must
+        # not queue behind an import or a re-embedding that takes hours. It reads an index snapshot and
+        # stores its run under the write lock, so it is safe next to them.
+        self._lanes = {"cluster": asyncio.Semaphore(1)}
         self._live: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -110,7 +114,7 @@ class JobService:
         error: str | None = None
         handle = JobHandle(self, job)
         try:
-            async with self._slots:
+            async with self._lanes.get(job.kind, self._slots):
                 if job.cancel_requested:
                     raise JobCancelled
                 job.status = "running"

@@ -8,8 +8,10 @@ import zipfile
 
 import httpx
 import pytest
+from sqlmodel import update
 
-from tests.conftest import AppRunner
+from backend.models import ClusterRun
+from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes, upload_many, wait_job
 
 
@@ -74,6 +76,31 @@ async def test_get_clusters_computes_once_then_answers_from_the_stored_run(clien
     assert jobs["count"] == 2 and all(job["status"] == "succeeded" for job in jobs["data"])
 
 
+async def test_get_clusters_computes_again_when_asked_for_another_run(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 6)
+    two = (await client.get("/clusters", params={"k": "2", "captions": "false"})).json()
+    assert two["k_requested"] == 2 and not two["captions"]
+    assert (await client.get("/clusters", params={"k": "2"})).json()["id"] == two["id"]
+    three = (await client.get("/clusters", params={"k": "3", "captions": "false"})).json()
+    assert three["id"] > two["id"] and three["k_requested"] == 3
+    seeded = (await client.get("/clusters", params={"seed": "7", "captions": "false"})).json()
+    assert seeded["id"] > three["id"] and seeded["seed"] == 7
+    captioned = (await client.get("/clusters", params={"captions": "true"})).json()
+    assert captioned["id"] > seeded["id"] and captioned["captions"]
+    assert (await client.get("/clusters")).json()["id"] == captioned["id"]  # no parameters: the latest as it is
+
+
+async def test_a_run_made_by_another_clip_model_is_computed_again(client: httpx.AsyncClient) -> None:
+    await upload_many(client, 4)
+    first = (await client.get("/clusters", params={"captions": "false"})).json()
+    async with app_context(client).sessions() as session:
+        await session.exec(update(ClusterRun).values(embedding_model="some/older-model"))  # type: ignore[call-overload]
+        await session.commit()
+    latest = (await client.get("/clusters")).json()
+    assert latest["id"] > first["id"] and latest["embedding_model"] == first["embedding_model"]
+    assert latest["image_count"] == 4
+
+
 async def test_auto_k_and_k_larger_than_the_collection(client: httpx.AsyncClient) -> None:
     await upload_many(client, 3)
     auto = await run_clustering(client, k="auto")
@@ -122,7 +149,7 @@ async def test_bad_cluster_requests_get_422(client: httpx.AsyncClient, body: obj
     assert (await client.get("/jobs")).json()["count"] == 0
 
 
-@pytest.mark.parametrize("k", ["0", "abc", "-1", "1.5"])
+@pytest.mark.parametrize("k", ["0", "abc", "-1", "1.5", "\u00b2", "\uff13", "9" * 5000])
 async def test_bad_k_in_the_query_gets_422(client: httpx.AsyncClient, k: str) -> None:
     response = await client.get("/clusters", params={"k": k})
     assert response.status_code == 422 and "k must be" in response.json()["detail"]

@@ -90,6 +90,19 @@ async def test_cancel_a_queued_job_at_once(run_app: AppRunner) -> None:
         assert (await client.get(f"/jobs/{second.id}")).json()["status"] == "cancelled"
 
 
+async def test_clustering_does_not_queue_behind_a_long_import(run_app: AppRunner) -> None:
+    async with run_app(job_concurrency=1) as client:
+        await upload_many(client, 3)
+        gate, started = asyncio.Event(), asyncio.Event()
+        importing = await app_context(client).jobs.submit("import", {}, gated_job(gate, started=started))
+        await started.wait()
+        latest = await asyncio.wait_for(client.get("/clusters", params={"captions": "false"}), timeout=60)
+        assert latest.status_code == 200 and latest.json()["image_count"] == 3
+        assert (await client.get(f"/jobs/{importing.id}")).json()["status"] == "running"
+        gate.set()
+        assert (await wait_job(client, importing.id))["status"] == "succeeded"
+
+
 async def test_cancelling_a_finished_job_is_409(client: httpx.AsyncClient) -> None:
     job = (await client.post("/clusters", json={"captions": False})).json()
     await wait_job(client, job["id"])
