@@ -19,7 +19,7 @@ from backend.db import create_engine, init_schema, session_factory
 from backend.errors import install_error_handlers
 from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware
-from backend.routers import clusters, health, images, jobs, reindex, search
+from backend.routers import clusters, health, images, jobs, reindex, search, tags
 from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
@@ -153,4 +153,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(clusters.router)
     app.include_router(jobs.router)
     app.include_router(reindex.router)
+    app.include_router(tags.router)
     return app

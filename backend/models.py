@@ -117,6 +117,16 @@ class TagScore(BaseModel):
     score: float = Field(description="Share of the softmax over the tag vocabulary.")
 
 
+class TagCount(BaseModel):
+    tag: str
+    count: int = Field(description="Images that carry this tag.")
+
+
+class TagsPublic(BaseModel):
+    data: list[TagCount] = Field(description="The vocabulary, then any other stored tag; most used first.")
+    vocabulary_size: int
+
+
 class ImagePublic(ImageBase):
     id: int
     file_url: str

@@ -21,7 +21,7 @@ from backend.models import (
 )
 from backend.multipart import multipart_body, receive_uploads
 from backend.services import catalog, search
-from backend.services.captions import caption_stored, start_caption_job
+from backend.services.captions import caption_one, start_caption_job
 from backend.services.importer import start_import
 from backend.services.ingest import IngestOutcome, ingest_files
 from backend.services.jobs import to_public
@@ -129,14 +129,21 @@ def _batch(outcomes: list[IngestOutcome], tags: dict[int, list[TagScore]]) -> Up
 
 @router.get("", response_model=ImagesPublic, summary="List images, newest first")
 async def list_images(
+    ctx: ContextDep,
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     tag: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="Only images with this zero-shot tag.")
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="Only images with this zero-shot tag (any case; see /tags).",
+        ),
     ] = None,
 ) -> ImagesPublic:
     """A page of image records, newest first, with the total count."""
+    tag = None if tag is None else ctx.tags.canonical(tag)
     return await catalog.list_images(session=session, offset=offset, limit=limit, tag=tag)
 
 
@@ -172,7 +179,11 @@ async def get_image(session: SessionDep, image_id: ImageId) -> ImagePublic:
     "/{image_id}/caption",
     response_model=ImagePublic,
     summary="Caption an image with BLIP",
-    responses={**_NOT_FOUND, 503: {"model": ErrorBody, "description": "The BLIP model is not available"}},
+    responses={
+        **_NOT_FOUND,
+        409: {"model": ErrorBody, "description": "The original file is missing or cannot be decoded"},
+        503: {"model": ErrorBody, "description": "The BLIP model is not available"},
+    },
 )
 async def caption_image(
     ctx: ContextDep,
@@ -183,7 +194,7 @@ async def caption_image(
     """Writes (or, without `refresh`, returns the stored) BLIP caption of one image; about 2 s on a CPU."""
     await catalog.get_image(session=session, image_id=image_id)  # 404 before loading BLIP
     await session.commit()
-    await caption_stored(ctx, [image_id], refresh=refresh)
+    await caption_one(ctx, image_id, refresh=refresh)
     image = await catalog.get_image(session=session, image_id=image_id)
     await session.refresh(image)
     return (await catalog.publish(session, [image]))[0]

@@ -84,6 +84,20 @@ async def caption_stored(
     return captions
 
 
+async def caption_one(ctx: AppContext, image_id: int, *, refresh: bool = False) -> None:
+    """Caption one stored image (or keep its cached caption); 409 when its original cannot be read."""
+    if image_id in await caption_stored(ctx, [image_id], refresh=refresh):
+        return
+    async with ctx.sessions() as session:
+        if await session.get(Image, image_id) is None:
+            return  # deleted meanwhile: the caller's lookup answers 404
+    raise AppError(
+        f"the original file of image {image_id} is missing or cannot be decoded, so it cannot be captioned",
+        code="original_unreadable",
+        status_code=409,
+    )
+
+
 async def start_caption_job(ctx: AppContext, ids: list[int], *, refresh: bool = False) -> Job:
     """Caption images in the background (CAPTION_ON_UPLOAD, or a caller's request)."""
 

@@ -6,11 +6,11 @@ import asyncio
 
 import numpy as np
 from sqlalchemy import delete
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
-from backend.models import ImageTag, TagScore
+from backend.models import ImageTag, TagCount, TagScore, TagsPublic
 from ml.embedder import ClipEmbedder
 from ml.tagging import DEFAULT_TAGS, TagVocabulary
 
@@ -32,6 +32,11 @@ class TagService:
                 self._vocabulary = await self._executor.run(TagVocabulary.build, embedder, self.names)
             return self._vocabulary
 
+    def canonical(self, name: str) -> str:
+        """The vocabulary's spelling of a tag asked for in any letter case (unknown names stay as given)."""
+        folded = name.strip().casefold()
+        return next((known for known in self.names if known.casefold() == folded), name)
+
     async def tag(self, embedder: ClipEmbedder, vectors: np.ndarray) -> list[Tags]:
         if self.per_image == 0 or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
@@ -47,6 +52,17 @@ async def replace_tags(session: AsyncSession, image_id: int, tags: Tags) -> None
     """Swap an image's tags inside the caller's transaction."""
     await session.exec(delete(ImageTag).where(col(ImageTag.image_id) == image_id))  # type: ignore[call-overload]
     session.add_all(tag_rows(image_id, tags))
+
+
+async def tag_counts(session: AsyncSession, names: tuple[str, ...]) -> TagsPublic:
+    """Every vocabulary tag with how many images carry it, plus tags stored under an earlier vocabulary."""
+    stored = dict(
+        (await session.exec(select(ImageTag.tag, func.count()).group_by(col(ImageTag.tag)))).all()  # type: ignore[arg-type]
+    )
+    counts = {name: int(stored.get(name, 0)) for name in names} | {k: int(v) for k, v in stored.items()}
+    data = [TagCount(tag=tag, count=count) for tag, count in counts.items()]
+    data.sort(key=lambda item: -item.count)  # stable: vocabulary order among equals
+    return TagsPublic(data=data, vocabulary_size=len(names))
 
 
 async def load_tags(session: AsyncSession, ids: list[int]) -> dict[int, list[TagScore]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import AppRunner
+from backend.models import Image
+from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes, upload_many, wait_job
 
 
@@ -34,6 +35,21 @@ async def test_tag_filter_lists_only_tagged_images(client: httpx.AsyncClient) ->
         "offset": 0,
         "limit": 50,
     }
+
+
+async def test_tags_lists_the_vocabulary_with_counts_and_the_filter_ignores_case(run_app: AppRunner) -> None:
+    async with run_app(tag_vocabulary=["Beach", "Forest", "City"], tags_per_image=1) as client:
+        empty = (await client.get("/tags")).json()
+        assert empty == {
+            "data": [{"tag": "Beach", "count": 0}, {"tag": "Forest", "count": 0}, {"tag": "City", "count": 0}],
+            "vocabulary_size": 3,
+        }
+        images = await upload_many(client, 5)
+        counts = {item["tag"]: item["count"] for item in (await client.get("/tags")).json()["data"]}
+        assert sum(counts.values()) == 5 and set(counts) == {"Beach", "Forest", "City"}
+        top = images[0]["tags"][0]["tag"]
+        for spelling in (top, top.upper(), f" {top.lower()} "):
+            assert (await client.get("/images", params={"tag": spelling})).json()["count"] == counts[top]
 
 
 async def test_search_results_carry_tags(client: httpx.AsyncClient) -> None:
@@ -73,6 +89,19 @@ async def test_caption_on_demand_is_stored_and_reused(client: httpx.AsyncClient,
     refreshed = await client.post(f"/images/{image['id']}/caption", params={"refresh": "true"})
     assert refreshed.json()["caption"] == caption  # greedy decoding: the same model says the same thing
     assert caption_calls == [1, 1]
+
+
+async def test_caption_of_a_lost_original_is_409(client: httpx.AsyncClient) -> None:
+    image = (await upload_many(client, 1))[0]
+    ctx = app_context(client)
+    async with ctx.sessions() as session:
+        row = await session.get(Image, image["id"])
+    assert row is not None
+    ctx.store.path(row.storage_key).unlink()
+    response = await client.post(f"/images/{image['id']}/caption", params={"refresh": "true"})
+    assert response.status_code == 409 and response.json()["code"] == "original_unreadable"
+    assert str(image["id"]) in response.json()["detail"]
+    assert (await client.get(f"/images/{image['id']}")).json()["caption"] is None
 
 
 async def test_caption_errors(run_app: AppRunner) -> None:
