@@ -65,23 +65,24 @@ async def latest_clusters(
     model while images embedded by the current one exist. Without parameters, a clustering job already
     queued or running is awaited instead of starting another."""
     chosen_k = _k(k, ctx.settings.kmeans_clusters)
-    given = {"k": chosen_k} if k is not None else {}
+    asked: dict[str, object] = {}  # the parameters the caller gave, as the run fields they must match
+    if k is not None:
+        asked["k_requested"] = chosen_k  # None for "auto"
+    if seed is not None:
+        asked["seed"] = seed
+    if captions is not None:
+        asked["captions"] = captions
     run_id = (
         None
         if refresh
         else await clustering.latest_run_id(
-            session,
-            usable_for=len(ctx.vectors.index),
-            model=ctx.settings.clip_model_name,
-            seed=seed,
-            captions=captions,
-            **given,
+            session, usable_for=len(ctx.vectors.index), model=ctx.settings.clip_model_name, asked=asked
         )
     )
     await session.commit()  # no read transaction stays open while a run is computed
     if run_id is None:
         # Without refresh, a run already on its way is awaited rather than computed twice.
-        job = None if refresh or given or seed is not None or captions is not None else ctx.jobs.active("cluster")
+        job = None if refresh or asked else ctx.jobs.active("cluster")
         if job is None:
             job = await clustering.start_run(
                 ctx,

@@ -180,30 +180,15 @@ async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, capt
         return run.id
 
 
-_UNSET: Any = object()
-
-
-async def latest_run_id(
-    session: AsyncSession,
-    *,
-    usable_for: int,
-    model: str,
-    k: int | None = _UNSET,
-    seed: int | None = None,
-    captions: bool | None = None,
-) -> int | None:
+async def latest_run_id(session: AsyncSession, *, usable_for: int, model: str, asked: dict[str, object]) -> int | None:
     """The newest run when it still answers the question; None when a new one should be computed: there
     is none, it is empty while `usable_for` images are searchable now, another CLIP model made it while
-    this one's vectors exist, or it differs from a `k` (None = auto), `seed` or `captions` asked for."""
+    this one's vectors exist, or one of the `asked` run fields (`k_requested`, `seed`, `captions`) differs."""
     run = (await session.exec(select(ClusterRun).order_by(col(ClusterRun.id).desc()).limit(1))).first()
     if run is None:
         return None
     stale = usable_for > 0 and (run.image_count == 0 or run.embedding_model != model)
-    differs = (
-        (k is not _UNSET and run.k_requested != k)
-        or (seed is not None and run.seed != seed)
-        or (captions is not None and run.captions != captions)
-    )
+    differs = any(getattr(run, name) != value for name, value in asked.items())
     return None if stale or differs else run.id
 
 

@@ -34,6 +34,10 @@ class ImportPathError(AppError):
     code = "import_path_refused"
 
 
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
 def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Path:
     """The resolved folder to import, or a 4xx that says why it is refused."""
     if not roots:
@@ -58,10 +62,10 @@ def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Pat
     try:
         resolved = given.resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # a symlink loop
-        if not any(given.is_relative_to(root) for root in roots):
+        if not _inside(given, roots):
             raise outside from exc
         raise ImportPathError(f"the folder {raw} cannot be read", code="path_not_found", status_code=404) from exc
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if not _inside(resolved, roots):
         raise outside
     if resolved.is_relative_to(storage_root):
         # A folder that merely contains STORAGE_ROOT is fine: the walk skips the storage subtree.
@@ -103,7 +107,7 @@ def find_files(
             except (OSError, RuntimeError):
                 refused.append({"path": str(path), "code": "unreadable", "detail": "broken link or unreadable file"})
                 continue
-            if not any(real.is_relative_to(root) for root in roots) or real.is_relative_to(storage_root):
+            if not _inside(real, roots) or real.is_relative_to(storage_root):
                 refused.append(
                     {
                         "path": str(path),

@@ -59,7 +59,7 @@ async def tag_counts(session: AsyncSession, names: tuple[str, ...]) -> TagsPubli
     stored = dict(
         (await session.exec(select(ImageTag.tag, func.count()).group_by(col(ImageTag.tag)))).all()  # type: ignore[arg-type]
     )
-    counts = {name: int(stored.get(name, 0)) for name in names} | {k: int(v) for k, v in stored.items()}
+    counts = dict.fromkeys(names, 0) | stored
     data = [TagCount(tag=tag, count=count) for tag, count in counts.items()]
     data.sort(key=lambda item: -item.count)  # stable: vocabulary order among equals
     return TagsPublic(data=data, vocabulary_size=len(names))
