@@ -274,6 +274,28 @@ class ClusterRunPublic(BaseModel):
     clusters: list[ClusterPublic]
 
 
+class MapPoint(BaseModel):
+    id: int = Field(description="The image's id.")
+    x: float
+    y: float
+    cluster: int | None = Field(description="Its cluster in the run, or null when the run does not hold it.")
+
+
+class MapCluster(BaseModel):
+    cluster_id: int
+    caption: str | None
+
+
+class MapPublic(BaseModel):
+    method: Literal["pca"] = Field(description="How the vectors were projected onto the plane.")
+    total: int = Field(description="Images in the search index (the current CLIP model's).")
+    count: int = Field(description="Points in this answer.")
+    sampled: bool = Field(description="True when `count` < `total`: a seeded random sample is drawn.")
+    run_id: int | None = Field(description="The clustering run whose clusters label the points.")
+    clusters: list[MapCluster]
+    points: list[MapPoint] = Field(description="Coordinates within the unit disc.")
+
+
 class ClusterMemberPublic(BaseModel):
     image: ImagePublic
     rank: int = Field(description="0 is the image closest to the centroid.")

@@ -94,6 +94,17 @@ class VectorIndex:
             vectors = self._index.index.reconstruct_n(0, self._index.ntotal)
         return ids, np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def sample(self, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """At most `size` (id, vector) pairs: all of them, or a seeded random sample in index order, reading
+        only the sampled vectors (a map of a million images need not copy them all)."""
+        with self._lock.read():
+            if self._index is not None and self._index.ntotal > size:
+                positions = np.sort(np.random.default_rng(seed).choice(self._index.ntotal, size=size, replace=False))
+                ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)[positions]
+                vectors = np.vstack([self._index.index.reconstruct(int(p)) for p in positions])
+                return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+        return self.snapshot()
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under ids; an id already present is replaced, never duplicated."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
