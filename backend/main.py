@@ -19,7 +19,7 @@ from backend.db import create_engine, init_schema, session_factory
 from backend.errors import install_error_handlers
 from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware
-from backend.routers import clusters, health, images, jobs, reindex, search, tags
+from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
 from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
@@ -154,4 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(reindex.router)
     app.include_router(tags.router)
+    app.include_router(maps.router)
+    app.include_router(page.router)
     return app

@@ -1,0 +1,150 @@
+"""Browser tests: the real server (a uvicorn subprocess on a free loopback port, tiny models) and the page
+driven by Debian's Chromium through Playwright. Skipped, with the reason, where Chromium is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCREENSHOTS = Path(os.environ.get("SCREENSHOT_DIR", REPO_ROOT / "artifacts" / "screenshots"))
+STARTUP_SECONDS = 120
+
+
+@dataclass
+class Server:
+    base: str
+    storage: Path
+    import_root: Path
+    log: Path
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(self.base + path, timeout=30) as answer:
+            return json.loads(answer.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _health(base: str) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as answer:
+            return json.loads(answer.read())  # type: ignore[no-any-return]
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+@pytest.fixture
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path
+) -> Iterator[Server]:
+    """A fresh service over empty storage, started as `run.sh` starts it, answering once CLIP is loaded.
+    `@pytest.mark.server_env(NAME="value")` adds settings."""
+    port = _free_port()
+    import_root = tmp_path / "imports"
+    import_root.mkdir()
+    log = tmp_path / "server.log"
+    env = {
+        **os.environ,
+        "STORAGE_ROOT": str(tmp_path / "storage"),
+        "CLIP_MODEL_NAME": str(tiny_clip_dir),
+        "CLIP_DEVICE": "cpu",
+        "BLIP_MODEL_NAME": str(tiny_blip_dir),
+        "BLIP_DEVICE": "cpu",
+        "CAPTION_MAX_TOKENS": "8",
+        "TAG_MIN_SCORE": "0",
+        "IMPORT_ROOTS": str(import_root),
+        "EXECUTOR_WORKERS": "2",
+    }
+    marker = request.node.get_closest_marker("server_env")
+    if marker is not None:
+        env.update(marker.kwargs)
+    command = [sys.executable, "-m", "uvicorn", "backend.main:create_app", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            health = _health(base)
+            if health and health["model"]["state"] == "loaded":  # type: ignore[index]
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start (health {health}); its log:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield Server(base=base, storage=tmp_path / "storage", import_root=import_root, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium; scripts/test.sh does "
+            "this when run as root) or point CHROMIUM_PATH at one"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: object, server: Server) -> Iterator[object]:
+    """The service's page at `/`, loaded; a script error in the page fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)  # type: ignore[attr-defined]
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(30_000)
+    page.goto(server.base + "/")
+    page.wait_for_selector("#health-dot.ok")
+    yield page
+    context.close()
+    assert not errors, f"the page raised script errors: {errors}"
+
+
+def screenshot(page: object, name: str) -> Path:
+    """Save a full-page screenshot under SCREENSHOT_DIR (artifacts/screenshots by default)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
+    return path
+
+
+def write_images(folder: Path, names_and_seeds: dict[str, int]) -> list[Path]:
+    """Distinct JPEG files on disk, for the file picker and drag and drop."""
+    from tests.helpers import make_image_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, seed in names_and_seeds.items():
+        path = folder / name
+        path.write_bytes(make_image_bytes(seed, size=(160, 120)))
+        paths.append(path)
+    return paths
