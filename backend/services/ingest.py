@@ -251,10 +251,12 @@ async def _store_one(
     except IntegrityError:
         await session.rollback()
         raise
-    except BaseException:
+    except Exception:
         await session.rollback()
         await ctx.executor.run(ctx.store.delete, storage_key, thumbnail_key)
         raise
+    # A cancellation (shutdown, a client gone) may land after the commit went through, so the files stay:
+    # a row must never lose its file. If no row was committed, the startup sweep removes them.
     return image
 
 

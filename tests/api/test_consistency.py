@@ -123,3 +123,31 @@ async def test_files_no_record_references_are_swept_at_startup(run_app: AppRunne
         assert (await client.get(kept["file_url"])).status_code == 200
         assert (await client.get(kept["thumbnail_url"])).status_code == 200
     assert unrelated.exists()
+
+
+async def test_cancelled_upload_never_leaves_a_record_without_its_file(
+    run_app: AppRunner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels a request or job at any await: even right after its row was committed."""
+    from sqlmodel.ext.asyncio.session import AsyncSession
+
+    from backend.models import Image
+
+    real_commit = AsyncSession.commit
+
+    async def commit_then_cancelled(self: AsyncSession) -> None:
+        holds_image = any(isinstance(o, Image) for o in self.sync_session.identity_map.values())
+        await real_commit(self)
+        if holds_image:
+            raise asyncio.CancelledError
+
+    async with run_app() as client:
+        monkeypatch.setattr(AsyncSession, "commit", commit_then_cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await client.post("/images", files={"file": ("cut.jpg", make_image_bytes(5), "image/jpeg")})
+        monkeypatch.setattr(AsyncSession, "commit", real_commit)
+    async with run_app() as client:  # restarted: the committed row is whole
+        (image,) = (await client.get("/images")).json()["data"]
+        assert image["filename"] == "cut.jpg"
+        assert (await client.get(image["file_url"])).content == make_image_bytes(5)
+        assert (await client.get(image["thumbnail_url"])).status_code == 200
