@@ -52,7 +52,15 @@ def drop_files(page, selector: str, files: dict[str, bytes]) -> None:
 
 def test_upload_three_images_shows_them_in_the_gallery(page, server: Server, tmp_path: Path) -> None:
     paths = write_images(tmp_path / "pick", {"beach.jpg": 1, "forest.jpg": 2, "city.jpg": 3})
-    page.set_input_files("#file-input", [str(p) for p in paths])
+    assert page.is_hidden("#upload-progress")
+    # The file picker opens from the keyboard too: Enter on the focused button clicks the file input.
+    page.evaluate("document.querySelector('#file-input').addEventListener('click', () => { window.__picked = true; })")
+    page.focus("[data-pick=file-input]")
+    page.keyboard.press("Enter")
+    assert page.evaluate("window.__picked") is True
+    with page.expect_file_chooser() as chooser:
+        page.click("[data-pick=file-input]")
+    chooser.value.set_files([str(p) for p in paths])
     page.wait_for_selector("#upload-status:has-text('Done')")
     assert page.text_content("#upload-status") == "Done: 3 stored, 0 duplicates, 0 rejected."
     assert page.locator("#upload-results .badge.stored").count() == 3
@@ -69,7 +77,11 @@ def test_upload_three_images_shows_them_in_the_gallery(page, server: Server, tmp
     # The same file again is reported as a duplicate, not stored twice.
     page.set_input_files("#file-input", [str(paths[0])])
     page.wait_for_selector("#upload-results li:first-child .badge.duplicate")
-    assert "already stored" in page.text_content("#upload-results li:first-child .why")
+    assert page.locator("#upload-results li").count() == 1  # the list shows the latest upload
+    assert page.text_content("#upload-results .why").startswith("already stored as #")
+    page.click("#upload-results .why")  # the stored image opens
+    page.wait_for_selector("#detail[open]")
+    assert page.text_content("#detail-title") == "beach.jpg"
     assert server.get("/images")["count"] == 3  # type: ignore[index]
 
 
@@ -92,6 +104,15 @@ def test_drop_uploads_files_and_a_rejected_file_shows_its_reason(page, server: S
     assert page.evaluate("window.__injected") is None
     assert server.get("/images")["count"] == 2  # type: ignore[index]
     screenshot(page, "upload-results")
+
+
+@pytest.mark.server_env(MAX_FILES_PER_REQUEST="2")
+def test_upload_of_more_files_than_a_request_may_hold_is_sent_in_parts(page, server: Server, tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "many", {f"m{i}.jpg": 200 + i for i in range(5)})
+    page.set_input_files("#file-input", [str(p) for p in paths])
+    page.wait_for_selector("#upload-status:has-text('Done')")
+    assert page.text_content("#upload-status") == "Done: 5 stored, 0 duplicates, 0 rejected."
+    assert server.get("/images")["count"] == 5  # type: ignore[index]
 
 
 def test_tag_filter_shows_only_tagged_images(page, server: Server) -> None:
@@ -156,6 +177,16 @@ def test_map_shows_one_point_per_image(page, server: Server) -> None:
         page.wait_for_selector(f"#map-tip[data-id='{point['id']}']:not([hidden])")
         page.wait_for_function("document.querySelector('#map-tip img').naturalWidth > 0")
     screenshot(page, "map")
+    # From the keyboard: arrows choose a point, Enter opens it.
+    page.focus("#map-canvas")
+    page.keyboard.press("ArrowRight")
+    chosen = int(page.get_attribute("#map-tip", "data-id"))
+    assert page.is_visible("#map-tip") and chosen in {p["id"] for p in points}
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#detail[open]")
+    assert page.text_content("#detail-title") == {i["id"]: i["filename"] for i in images}[chosen]
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#detail", state="hidden")
     target = points[0]
     page.mouse.click(canvas["x"] + target["x"], canvas["y"] + target["y"])
     page.wait_for_selector("#detail[open]")
@@ -210,6 +241,7 @@ def test_clustering_job_completes_and_clusters_render_with_captions(page, server
     upload(server, {f"img{i}.jpg": 50 + i for i in range(6)})
     page.click("nav button[data-view=clusters]")
     page.wait_for_selector("#run-info:has-text('No clustering yet')")
+    assert page.is_hidden("#cluster-job")  # no progress bar before there is a job
     page.fill("#cluster-k", "2")
     page.click("#cluster-form button[type=submit]")
     page.wait_for_selector("#cluster-job .job-text:has-text('succeeded')")
@@ -233,16 +265,32 @@ def test_clustering_job_completes_and_clusters_render_with_captions(page, server
 
     # One cluster opened: its images, closest to the centre first.
     first = run["clusters"][0]  # type: ignore[index]
-    page.locator("#clusters .cluster button").first.click()
+    page.locator("#clusters .cluster button:has-text('Open cluster')").first.click()
     page.wait_for_selector("#cluster-detail:not([hidden])")
     page.wait_for_function(f"document.querySelectorAll('#cluster-images .thumb').length === {first['size']}")
     members = server.get(f"/clusters/{run['id']}/0")["data"]  # type: ignore[index]
     assert gallery_like(page, "#cluster-images") == [m["image"]["filename"] for m in members]
 
+    # Deleting an image from the open cluster updates its count at once.
+    page.locator("#cluster-images .thumb").first.click()
+    page.click("#detail-delete")
+    page.click("#detail-delete")
+    page.wait_for_selector(f"#cluster-title:has-text('{first['size'] - 1} image')")
+    assert page.locator("#cluster-images .thumb").count() == first["size"] - 1
+
     # The map now colours every point by its cluster.
     page.click("nav button[data-view=map]")
-    page.wait_for_function("organizer.mapPoints().length === 6 && organizer.mapPoints().every(p => p.cluster !== null)")
+    page.wait_for_function("organizer.mapPoints().length === 5 && organizer.mapPoints().every(p => p.cluster !== null)")
     assert page.locator("#map-legend li").count() == 2
+
+    # An image added after the run: the page says the run leaves it out, and the map shows it apart.
+    upload(server, {"late.jpg": 60})
+    page.reload()
+    page.click("nav button[data-view=clusters]")
+    page.wait_for_selector("#run-note:has-text('1 image added since this run is not in it')")
+    page.click("nav button[data-view=map]")
+    page.wait_for_function("organizer.mapPoints().filter(p => p.cluster === null).length === 1")
+    assert "not in run" in page.locator("#map-legend li").last.text_content()
 
 
 def test_group_pictures_without_storing_them(page, server: Server, tmp_path: Path) -> None:
