@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh requirements-dev.txt
-.venv/bin/ruff check backend ml tests
-.venv/bin/ruff format --check backend ml tests
+.venv/bin/ruff check backend ml tests bench
+.venv/bin/ruff format --check backend ml tests bench

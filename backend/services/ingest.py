@@ -23,7 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from backend.context import AppContext
 from backend.errors import AppError
 from backend.models import Image
-from backend.services.imaging import ImageInfo, decode_image, make_thumbnail
+from backend.services.imaging import DECODE_MIN_SIDE, ImageInfo, decode_image, make_thumbnail
 from backend.services.storage import StagedFile
 from backend.services.tagging import Tags, tag_rows
 from backend.services.vectors import vector_to_blob
@@ -77,7 +77,7 @@ def clean_filename(raw: str | None) -> str:
 
 def prepare_image(path: Path, *, max_pixels: int, thumbnail_size: int | None, embedder: ClipEmbedder) -> PreparedImage:
     """Decode, check, thumbnail (unless size is None) and preprocess one file; runs in the executor."""
-    decoded = decode_image(path, max_pixels)
+    decoded = decode_image(path, max_pixels, min_side=max(DECODE_MIN_SIDE, thumbnail_size or 0))
     thumbnail = make_thumbnail(decoded.rgb, thumbnail_size) if thumbnail_size else b""
     return PreparedImage(info=decoded.info, thumbnail=thumbnail, pixels=embedder.preprocess([decoded.rgb])[0])
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import EmptyFileError, FileTooLargeError, ImageTooLargeError, InvalidImageError
-from backend.services.imaging import decode_image, make_thumbnail, to_rgb
+from backend.services.imaging import DECODE_MIN_SIDE, decode_image, make_thumbnail, to_rgb
 from backend.services.ingest import clean_filename
 from backend.services.storage import FileStore
 from tests.helpers import make_image_bytes
@@ -123,3 +123,32 @@ def test_storage_keys_cannot_leave_the_root(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     with pytest.raises(ValueError):
         store.path("../outside.jpg")
+
+
+def _large_jpeg(path: Path, size: tuple[int, int], orientation: int = 1) -> bytes:
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (size[1] // 50, size[0] // 50, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, format="JPEG", quality=90, exif=exif)
+    return path.read_bytes()
+
+
+def test_large_jpeg_is_decoded_reduced_but_reports_its_own_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    _large_jpeg(path, (2400, 1800), orientation=6)  # stored landscape, shown portrait
+    decoded = decode_image(path, max_pixels=10**9)
+    assert (decoded.info.width, decoded.info.height) == (1800, 2400)
+    assert decoded.rgb.height > decoded.rgb.width  # turned upright like the original
+    assert min(decoded.rgb.size) >= DECODE_MIN_SIDE and decoded.rgb.width < 1800
+    full = decode_image(path, max_pixels=10**9, min_side=None)
+    assert full.rgb.size == (1800, 2400)
+
+
+def test_truncated_large_jpeg_is_refused_even_when_decoded_reduced(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    data = _large_jpeg(path, (2400, 1800))
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidImageError):
+        decode_image(path, max_pixels=10**9)
