@@ -6,36 +6,58 @@ import argparse
 import time
 from pathlib import Path
 
-from bench import data, ingest
-from bench.models import full_clip, tiny_clip
+from bench import clustering, data, ingest, search
+from bench.models import full_blip, full_clip, tiny_blip, tiny_clip
 from bench.report import Report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ["ingest"]
+SCENARIOS = ["ingest", "search", "cluster", "health", "startup"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("scenario", choices=["all", *SCENARIOS])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks themselves run")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and models: checks the benchmarks run")
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/<scenario>-<time>.json)")
     args = parser.parse_args()
     chosen = SCENARIOS if args.scenario == "all" else [args.scenario]
+    quick = args.quick
     report = Report()
-    clip = tiny_clip() if args.quick else full_clip()
-    for name in chosen:
-        print(f"[{name}]", flush=True)
-        if name == "ingest":
-            if args.quick:
-                files = data.dataset(photos=4, smalls=2, size=(800, 600))
-            else:
-                files = data.dataset(photos=48, smalls=16)
-            ingest.run(report, clip=clip, files=files, naive_files=16 if not args.quick else 2, quick=args.quick)
+    clip = tiny_clip() if quick else full_clip()
+    photo_size = (800, 600) if quick else data.PHOTO_SIZE
+    files = data.dataset(photos=4, smalls=2, size=photo_size) if quick else data.dataset(photos=48, smalls=16)
+    photos = [f for f in files if f[0].endswith(".jpg")]
+    sizes = {"2k": 2_000} if quick else {"100k": 100_000, "1M": 1_000_000}
+    samples = 20 if quick else 300
+    print(f"machine: {report_machine()}", flush=True)
+    if "ingest" in chosen:
+        print("[ingest]", flush=True)
+        ingest.run(report, clip=clip, files=files, naive_files=2 if quick else 16, quick=quick)
+    if "cluster" in chosen:
+        print("[cluster]", flush=True)
+        vectors = data.clustered_vectors(2_000 if quick else 100_000)
+        blip = tiny_blip() if quick else full_blip()
+        clustering.run(report, vectors=vectors, blip=blip, photos=photos, k=20)
+    parts = {name for name in ("search", "health", "startup") if name in chosen}
+    if parts:
+        print(f"[{', '.join(sorted(parts))}]", flush=True)
+        if parts == {"health"}:
+            sizes = dict(list(sizes.items())[:1])
+        elif parts == {"startup"}:
+            sizes = dict(list(sizes.items())[-1:])
+        search.run_search(report, clip=clip, sizes=sizes, photos=photos, samples=samples, parts=parts)
     print()
     print(report.table())
     out = args.out or RESULTS / f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.save(out)
     print(f"\nsaved {out}")
+
+
+def report_machine() -> str:
+    from bench.report import machine
+
+    m = machine()
+    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, torch {m['torch']} ({m['torch_threads']} threads)"
 
 
 if __name__ == "__main__":

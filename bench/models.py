@@ -31,14 +31,14 @@ def full_clip() -> Path:
 
 def full_blip() -> Path:
     """A saved random-weight BLIP-base captioner with the real processor; built on first use."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers import AutoProcessor, BlipConfig, BlipForConditionalGeneration
 
     target = CACHE / "bench-blip-image-captioning-base"
     if not (target / "config.json").is_file():
         source = SHARED_MODELS / "blip-image-captioning-base"
         torch.manual_seed(0)
         BlipForConditionalGeneration(BlipConfig.from_pretrained(source)).eval().save_pretrained(target)
-        BlipProcessor.from_pretrained(source).save_pretrained(target)
+        AutoProcessor.from_pretrained(source).save_pretrained(target)
     return target
 
 
@@ -49,4 +49,14 @@ def tiny_clip() -> Path:
     target = CACHE / "bench-tiny-clip"
     if not (target / "config.json").is_file():
         build_tiny_clip(target)
+    return target
+
+
+def tiny_blip() -> Path:
+    """The test suite's tiny BLIP, for `--quick` runs."""
+    from tests.tiny_models import build_tiny_blip
+
+    target = CACHE / "bench-tiny-blip"
+    if not (target / "config.json").is_file():
+        build_tiny_blip(target)
     return target
