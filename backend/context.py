@@ -34,3 +34,6 @@ class AppContext:
     # Serialises the short commit phase of writes (file rename, row, index) so that
     # two uploads of the same bytes, or an upload and a delete, cannot interleave.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One bulk forward pass at a time (uploads, imports, re-embedding): two would split the cores between
+    # them and finish no sooner, while the other executor worker can decode the next batch meanwhile.
+    bulk_forward: asyncio.Lock = field(default_factory=asyncio.Lock)

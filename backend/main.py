@@ -85,7 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await vectors.load_or_rebuild(sessions)
         async with sessions() as session:
-            _, stale = await count_images(session=session, model_name=settings.clip_model_name)
+            _, stale = await count_images(
+                session=session, model_name=settings.clip_model_name, indexed=len(vectors.index)
+            )
         if stale:
             log.warning(
                 "%d images were embedded by another CLIP model than %r: they are not searched until "

@@ -12,7 +12,9 @@ router = APIRouter(tags=["health"])
 async def health(ctx: ContextDep, session: SessionDep) -> Health:
     """Always 200 while the process serves; `status` is `degraded` when CLIP could not be loaded (BLIP is
     optional: without it only captions are missing)."""
-    images, stale = await count_images(session=session, model_name=ctx.settings.clip_model_name)
+    images, stale = await count_images(
+        session=session, model_name=ctx.settings.clip_model_name, indexed=len(ctx.vectors.index)
+    )
     models = ctx.models
     return Health(
         status="degraded" if models.state == "failed" else "ok",

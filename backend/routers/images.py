@@ -144,7 +144,10 @@ async def list_images(
 ) -> ImagesPublic:
     """A page of image records, newest first, with the total count."""
     tag = None if tag is None else ctx.tags.canonical(tag)
-    return await catalog.list_images(session=session, offset=offset, limit=limit, tag=tag)
+    total, _ = await catalog.count_images(
+        session=session, model_name=ctx.settings.clip_model_name, indexed=len(ctx.vectors.index)
+    )
+    return await catalog.list_images(session=session, offset=offset, limit=limit, total=total, tag=tag)
 
 
 @router.post(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
@@ -31,14 +31,16 @@ async def publish(session: AsyncSession, images: list[Image]) -> list[ImagePubli
     return [to_public(image, tags.get(image.id or 0)) for image in images]
 
 
-async def list_images(*, session: AsyncSession, offset: int, limit: int, tag: str | None = None) -> ImagesPublic:
-    count_query = select(func.count()).select_from(Image)
+async def list_images(
+    *, session: AsyncSession, offset: int, limit: int, total: int, tag: str | None = None
+) -> ImagesPublic:
+    """A page, newest first; `total` (from count_images) is the count when no tag narrows the list."""
     query = select(Image)
+    count = total
     if tag is not None:
         tagged = select(ImageTag.image_id).where(ImageTag.tag == tag)
-        count_query = count_query.where(col(Image.id).in_(tagged))
         query = query.where(col(Image.id).in_(tagged))
-    count = (await session.exec(count_query)).one()
+        count = (await session.exec(select(func.count()).select_from(Image).where(col(Image.id).in_(tagged)))).one()
     rows = (
         await session.exec(
             query.order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
@@ -61,13 +63,13 @@ async def get_images_by_ids(*, session: AsyncSession, ids: list[int]) -> dict[in
     return {row.id: row for row in rows if row.id is not None}
 
 
-async def count_images(*, session: AsyncSession, model_name: str) -> tuple[int, int]:
-    """(all images, images whose vector another model made)."""
-    total = (await session.exec(select(func.count()).select_from(Image))).one()
-    stale = (
-        await session.exec(select(func.count()).select_from(Image).where(Image.embedding_model != model_name))
-    ).one()
-    return total, stale
+async def count_images(*, session: AsyncSession, model_name: str, indexed: int) -> tuple[int, int]:
+    """(all images, images whose vector another model made). The current model's images are exactly the
+    index's `indexed` entries (kept in step with SQLite), so only the others are counted: two range
+    searches of the model index, whose cost grows with the stale images, not with the collection."""
+    other_model = or_(col(Image.embedding_model) < model_name, col(Image.embedding_model) > model_name)
+    stale = (await session.exec(select(func.count()).select_from(Image).where(other_model))).one()
+    return indexed + stale, stale
 
 
 async def delete_image(*, ctx: AppContext, session: AsyncSession, image_id: int) -> None:

@@ -135,9 +135,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
     thumb = rgb.copy()
-    thumb.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
     buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=85, optimize=True)
+    thumb.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
 
 

@@ -106,7 +106,8 @@ async def ingest_files(*, ctx: AppContext, session: AsyncSession, files: list[In
     to_prepare = {i: staged[i] for i in first_of.values() if staged[i].sha256 not in known}
     prepared = await _prepare_all(ctx, embedder, to_prepare, outcomes)
     order = sorted(prepared)
-    vectors = await ctx.executor.run(embed_prepared, embedder, [prepared[i].pixels for i in order])
+    async with ctx.bulk_forward:
+        vectors = await ctx.executor.run(embed_prepared, embedder, [prepared[i].pixels for i in order])
     tags = await ctx.tags.tag(embedder, vectors)
     await _commit(ctx, session, embedder, list(first_of.values()), staged, prepared, order, vectors, tags, outcomes)
 
@@ -263,11 +264,11 @@ async def _store_one(
 async def embed_query_image(*, ctx: AppContext, staged: StagedFile) -> np.ndarray:
     """Embed a received query image without storing anything; returns one unit vector."""
     embedder = await ctx.models.get()
-    prep = await ctx.executor.run(
+    prep = await ctx.executor.run_query(
         prepare_image,
         staged.path,
         max_pixels=ctx.settings.max_image_pixels,
         thumbnail_size=None,
         embedder=embedder,
     )
-    return (await ctx.executor.run(embed_prepared, embedder, [prep.pixels]))[0]
+    return (await ctx.executor.run_query(embed_prepared, embedder, [prep.pixels]))[0]

@@ -69,7 +69,8 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
             else:
                 detail = outcome.detail if isinstance(outcome, AppError) else f"{type(outcome).__name__}: {outcome}"
                 failures.append({"image_id": image.id, "detail": detail})
-        vectors = await ctx.executor.run(embed_prepared, embedder, [p.pixels for _, p in readable])
+        async with ctx.bulk_forward:
+            vectors = await ctx.executor.run(embed_prepared, embedder, [p.pixels for _, p in readable])
         tags = await ctx.tags.tag(embedder, vectors)
         updated: list[int] = []
         async with ctx.write_lock, ctx.sessions() as session:

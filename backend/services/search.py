@@ -15,7 +15,7 @@ from backend.services.vectors import blob_to_vector
 
 async def search_text(*, ctx: AppContext, session: AsyncSession, query: str, top_k: int) -> SearchResults:
     embedder = await ctx.models.get()
-    vectors = await ctx.executor.run(embedder.embed_texts, [query])
+    vectors = await ctx.executor.run_query(embedder.embed_texts, [query])
     hits = await _hits(ctx, session, vectors[0], top_k)
     return SearchResults(query=query, count=len(hits), results=hits)
 

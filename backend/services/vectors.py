@@ -110,7 +110,7 @@ class IndexService:
         await self._changed()
 
     async def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        return await self._executor.run(self.index.search, queries, k)
+        return await self._executor.run_query(self.index.search, queries, k)
 
     async def _changed(self) -> None:
         self._dirty = True
