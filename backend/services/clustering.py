@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, func, insert
+from sqlalchemy import delete, func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -141,39 +141,52 @@ async def _choose_captions(
     return chosen
 
 
+# Member rows per INSERT: the event loop serves other requests between chunks of a large run.
+MEMBER_CHUNK = 5000
+
+
+def _kept_members(
+    run_id: int, result: ClusteringResult, current: np.ndarray
+) -> list[tuple[int, list[tuple[int, int, int, int, float]], list[int]]]:
+    """Per cluster: its label, its member rows (run, image, cluster, rank, distance) and representatives,
+    leaving out images deleted since the snapshot. Synchronous: 100k members take a while."""
+    kept = []
+    for cluster in result.clusters:
+        alive = np.isin(cluster.member_ids, current)
+        ids, distances = cluster.member_ids[alive].tolist(), cluster.distances[alive].tolist()
+        rows = [(run_id, i, cluster.label, rank, d) for rank, (i, d) in enumerate(zip(ids, distances, strict=True))]
+        alive_ids = set(ids)
+        kept.append((cluster.label, rows, [int(i) for i in cluster.representative_ids if int(i) in alive_ids]))
+    return kept
+
+
 async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, captions: dict[int, str | None]) -> int:
     """Write the run, its clusters and members in one transaction; prune old runs."""
     async with ctx.write_lock, ctx.sessions() as session:
         # Images deleted since the snapshot are left out: deletes leave the index under this same lock.
         current = await ctx.executor.run(ctx.vectors.index.ids)
-        alive = {int(i) for c in result.clusters for i in c.member_ids[np.isin(c.member_ids, current)]}
         session.add(run)
         await session.flush()
         assert run.id is not None
-        members: list[dict[str, Any]] = []
-        for cluster in result.clusters:
-            kept = [
-                (int(i), float(d))
-                for i, d in zip(cluster.member_ids, cluster.distances, strict=True)
-                if int(i) in alive
-            ]
+        kept = await ctx.executor.run(_kept_members, run.id, result, current)
+        for label, rows, representatives in kept:
             session.add(
                 ClusterRow(
                     run_id=run.id,
-                    cluster_id=cluster.label,
-                    size=len(kept),
-                    caption=captions.get(cluster.label),
-                    representative_ids=[int(i) for i in cluster.representative_ids if int(i) in alive],
+                    cluster_id=label,
+                    size=len(rows),
+                    caption=captions.get(label),
+                    representative_ids=representatives,
                 )
             )
-            members.extend(
-                {"run_id": run.id, "image_id": i, "cluster_id": cluster.label, "rank": rank, "distance": d}
-                for rank, (i, d) in enumerate(kept)
-            )
         await session.flush()
-        if members:
-            connection = await session.connection()
-            await connection.execute(insert(ClusterMember), members)
+        connection = await session.connection()
+        members = [row for _, rows, _ in kept for row in rows]
+        for start in range(0, len(members), MEMBER_CHUNK):
+            await connection.exec_driver_sql(
+                "INSERT INTO cluster_member (run_id, image_id, cluster_id, rank, distance) VALUES (?, ?, ?, ?, ?)",
+                members[start : start + MEMBER_CHUNK],
+            )
         keep = select(ClusterRun.id).order_by(col(ClusterRun.id).desc()).limit(ctx.settings.cluster_runs_kept)
         await session.exec(delete(ClusterRun).where(col(ClusterRun.id).not_in(keep)))  # type: ignore[call-overload]
         await session.commit()
