@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor=executor,
             save_interval=settings.index_save_interval,
         )
+        if settings.clip_preload:
+            models.start_loading()  # the model loads while the index is read
         await vectors.load_or_rebuild(sessions)
         async with sessions() as session:
             _, stale = await count_images(
@@ -96,8 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.clip_model_name,
             )
         vectors.start_autosave()
-        if settings.clip_preload:
-            models.start_loading()
         app.state.ctx = ctx = AppContext(
             settings=settings,
             executor=executor,

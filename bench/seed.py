@@ -54,6 +54,8 @@ def seed(storage: Path, model_name: str, vectors: np.ndarray) -> None:
                 rows,
             )
             db.commit()
+        # A long-lived database has its pages in the main file, not in a 2 GB write-ahead log.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     index = VectorIndex()
     index.add(np.arange(1, len(vectors) + 1, dtype=np.int64), vectors)
     path = IndexService(index_dir=store.index_dir, model_name=model_name, executor=None, save_interval=0).path  # type: ignore[arg-type]
