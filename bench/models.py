@@ -7,6 +7,7 @@ real weights; what they say means nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,47 +17,49 @@ SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", REPO_ROOT.parent / "sha
 CACHE = REPO_ROOT / ".models"
 
 
+def _built(name: str, build: Callable[[Path], object]) -> Path:
+    """`.models/<name>`, built by `build(target)` on first use."""
+    target = CACHE / name
+    if not (target / "config.json").is_file():
+        build(target)
+    return target
+
+
 def full_clip() -> Path:
-    """A saved random-weight ViT-B/32 CLIP with the real processor; built on first use."""
+    """A saved random-weight ViT-B/32 CLIP with the real processor."""
     from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
-    target = CACHE / "bench-clip-vit-base-patch32"
-    if not (target / "config.json").is_file():
+    def build(target: Path) -> None:
         source = SHARED_MODELS / "clip-vit-base-patch32"
         torch.manual_seed(0)
         CLIPModel(CLIPConfig.from_pretrained(source)).eval().save_pretrained(target)
         AutoProcessor.from_pretrained(source).save_pretrained(target)
-    return target
+
+    return _built("bench-clip-vit-base-patch32", build)
 
 
 def full_blip() -> Path:
-    """A saved random-weight BLIP-base captioner with the real processor; built on first use."""
+    """A saved random-weight BLIP-base captioner with the real processor."""
     from transformers import AutoProcessor, BlipConfig, BlipForConditionalGeneration
 
-    target = CACHE / "bench-blip-image-captioning-base"
-    if not (target / "config.json").is_file():
+    def build(target: Path) -> None:
         source = SHARED_MODELS / "blip-image-captioning-base"
         torch.manual_seed(0)
         BlipForConditionalGeneration(BlipConfig.from_pretrained(source)).eval().save_pretrained(target)
         AutoProcessor.from_pretrained(source).save_pretrained(target)
-    return target
+
+    return _built("bench-blip-image-captioning-base", build)
 
 
 def tiny_clip() -> Path:
     """The test suite's tiny CLIP, for `--quick` runs that only check the benchmarks themselves work."""
     from tests.conftest import build_tiny_clip
 
-    target = CACHE / "bench-tiny-clip"
-    if not (target / "config.json").is_file():
-        build_tiny_clip(target)
-    return target
+    return _built("bench-tiny-clip", build_tiny_clip)
 
 
 def tiny_blip() -> Path:
     """The test suite's tiny BLIP, for `--quick` runs."""
     from tests.tiny_models import build_tiny_blip
 
-    target = CACHE / "bench-tiny-blip"
-    if not (target / "config.json").is_file():
-        build_tiny_blip(target)
-    return target
+    return _built("bench-tiny-blip", build_tiny_blip)

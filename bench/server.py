@@ -22,6 +22,7 @@ class RunningServer:
     base: str
     process: subprocess.Popen[bytes]
     started_in: float  # seconds from spawn to a loaded model and index
+    log: Path  # the server's output
 
     def rss_mb(self) -> float:
         """Resident memory of the server process now."""
@@ -47,7 +48,8 @@ def free_port() -> int:
 def serve(
     storage: Path, clip: Path, blip: Path | None = None, timeout: float = 600, **settings: str
 ) -> Iterator[RunningServer]:
-    """Start the service over `storage`; yields once /health says the model is loaded."""
+    """Start the service over `storage` as run.sh does, on a free loopback port; yields once /health says the
+    model is loaded. `settings` are extra environment variables (IMPORT_ROOTS="...", ...)."""
     port = free_port()
     env = {
         **os.environ,
@@ -58,7 +60,8 @@ def serve(
         "BLIP_DEVICE": "cpu",
         **settings,
     }
-    log = (storage.parent / f"{storage.name}-server.log").open("wb")
+    log_path = storage.parent / f"{storage.name}-server.log"
+    log = log_path.open("wb")
     command = [sys.executable, "-m", "uvicorn", "backend.main:create_app", "--factory", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", "1", "--log-level", "warning"]
     start = time.perf_counter()
@@ -71,13 +74,13 @@ def serve(
                 if health["model"]["state"] == "loaded":
                     break
                 if health["model"]["state"] == "failed":
-                    raise RuntimeError(f"the model did not load: {health['model']['error']}")
+                    raise RuntimeError(f"the model did not load: {health['model']['error']}{_tail(log_path)}")
             except httpx.HTTPError:
                 pass
             if process.poll() is not None or time.perf_counter() - start > timeout:
-                raise RuntimeError(f"the server did not start; see {log.name}")
+                raise RuntimeError(f"the server did not start{_tail(log_path)}")
             time.sleep(0.05)
-        yield RunningServer(base=base, process=process, started_in=time.perf_counter() - start)
+        yield RunningServer(base=base, process=process, started_in=time.perf_counter() - start, log=log_path)
     finally:
         process.terminate()
         try:
@@ -86,3 +89,7 @@ def serve(
             process.kill()
             process.wait()
         log.close()
+
+
+def _tail(log: Path) -> str:
+    return f"; the end of its log ({log}):\n{log.read_text(errors='replace')[-4000:]}"

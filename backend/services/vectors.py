@@ -47,7 +47,7 @@ class IndexService:
 
     async def load_or_rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """Use the saved index when it holds exactly the database's ids; otherwise rebuild it from SQLite.
-        The file is read while the database lists its ids (2.9 s and 1 s for a million vectors here)."""
+        The file is read (in the executor) while the database lists its ids."""
         if VectorIndex.remove_leftovers(self.path):
             log.info("removed temp files of an index save that did not finish")
         reading = asyncio.ensure_future(self._executor.run(VectorIndex.load, self.path)) if self.path.exists() else None

@@ -3,19 +3,17 @@ driven by Debian's Chromium through Playwright. Skipped, with the reason, where 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from bench.server import serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -36,37 +34,16 @@ class Server:
             return json.loads(answer.read())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _health(base: str) -> dict[str, object] | None:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as answer:
-            return json.loads(answer.read())  # type: ignore[no-any-return]
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
 @pytest.fixture
 def server(
     request: pytest.FixtureRequest, tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path
 ) -> Iterator[Server]:
     """A fresh service over empty storage, started as `run.sh` starts it, answering once CLIP is loaded.
     `@pytest.mark.server_env(NAME="value")` adds settings."""
-    port = _free_port()
     import_root = tmp_path / "imports"
     import_root.mkdir()
-    log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        "STORAGE_ROOT": str(tmp_path / "storage"),
-        "CLIP_MODEL_NAME": str(tiny_clip_dir),
-        "CLIP_DEVICE": "cpu",
-        "BLIP_MODEL_NAME": str(tiny_blip_dir),
-        "BLIP_DEVICE": "cpu",
+    storage = tmp_path / "storage"
+    settings = {
         "CAPTION_MAX_TOKENS": "8",
         "TAG_MIN_SCORE": "0",
         "IMPORT_ROOTS": str(import_root),
@@ -74,29 +51,15 @@ def server(
     }
     marker = request.node.get_closest_marker("server_env")
     if marker is not None:
-        env.update(marker.kwargs)
-    command = [sys.executable, "-m", "uvicorn", "backend.main:create_app", "--factory"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            health = _health(base)
-            if health and health["model"]["state"] == "loaded":  # type: ignore[index]
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start (health {health}); its log:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
-        yield Server(base=base, storage=tmp_path / "storage", import_root=import_root, log=log)
-    finally:
-        process.terminate()
+        settings.update(marker.kwargs)
+    with contextlib.ExitStack() as stack:
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            running = stack.enter_context(
+                serve(storage, tiny_clip_dir, tiny_blip_dir, timeout=STARTUP_SECONDS, **settings)
+            )
+        except RuntimeError as exc:  # its message ends with the server's log
+            pytest.fail(str(exc))
+        yield Server(base=running.base, storage=storage, import_root=import_root, log=running.log)
 
 
 @pytest.fixture(scope="session")
