@@ -34,8 +34,15 @@ class Settings(BaseSettings):
 
     # Seconds between saves of the FAISS index after a change (it is also saved at shutdown).
     index_save_interval: float = Field(default=5.0, ge=0.0)
+    # From this many vectors on, search uses an approximate (IVF, fp16) index instead of an exact scan;
+    # 0 keeps search exact at any size. A search reads this fraction of the approximate index's lists.
+    index_approximate_from: int = Field(default=50_000, ge=0)
+    index_probe_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
     # Worker threads for model, FAISS, decoding and hashing; 0 means the number of cores.
     executor_workers: int = Field(default=0, ge=0, le=64)
+    # How much lower the scheduling priority of bulk work (uploads, imports, clustering) is than that of
+    # searches and of the request loop: added to the nice value of the bulk threads (0: same priority).
+    bulk_niceness: int = Field(default=10, ge=0, le=19)
 
     # Clustering: k when a request gives none (a number, or "auto" to choose it by silhouette).
     kmeans_clusters: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = 8

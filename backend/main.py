@@ -30,6 +30,7 @@ from backend.services.tagging import TagService
 from backend.services.vectors import IndexService
 from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
+from ml.index import IndexLayout
 
 log = logging.getLogger("backend")
 
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_pixel_limit(settings.max_image_pixels)
-        executor = Executor(settings.executor_workers)
+        executor = Executor(settings.executor_workers, settings.bulk_niceness)
         # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
         torch.set_num_threads(executor.workers)
         store = FileStore(settings.storage_root)
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_name=settings.clip_model_name,
             executor=executor,
             save_interval=settings.index_save_interval,
+            layout=IndexLayout(settings.index_approximate_from, settings.index_probe_fraction),
         )
         if settings.clip_preload:
             models.start_loading()  # the model loads while the index is read

@@ -181,6 +181,11 @@ class IndexHealth(BaseModel):
     type: str
     size: int
     dimension: int | None
+    approximate: bool = Field(
+        description="True from INDEX_APPROXIMATE_FROM vectors on: search probes an inverted-file index "
+        "instead of scanning every vector."
+    )
+    reorganizing: bool = Field(description="The index is being rebuilt in another layout; search goes on.")
 
 
 class ModelHealth(BaseModel):

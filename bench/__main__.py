@@ -9,6 +9,7 @@ from pathlib import Path
 from bench import clustering, data, ingest, search
 from bench.models import full_blip, full_clip, tiny_blip, tiny_clip
 from bench.report import Report
+from ml.index import IndexLayout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ["ingest", "search", "cluster", "health", "startup"]
@@ -45,7 +46,9 @@ def main() -> None:
             sizes = dict(list(sizes.items())[:1])
         elif parts == {"startup"}:
             sizes = dict(list(sizes.items())[-1:])
-        search.run_search(report, clip=clip, sizes=sizes, photos=photos, samples=samples, parts=parts)
+        # Quick runs switch to the approximate index at 1,000 vectors, so its path runs too.
+        layout = IndexLayout(approximate_from=1_000) if quick else IndexLayout()
+        search.run_search(report, clip=clip, layout=layout, sizes=sizes, photos=photos, samples=samples, parts=parts)
     print()
     print(report.table())
     out = args.out or RESULTS / f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"

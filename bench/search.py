@@ -21,6 +21,8 @@ from bench.ingest import upload_all
 from bench.report import Figure, Report
 from bench.seed import seed
 from bench.server import RunningServer, serve
+from ml.embedder import ClipEmbedder
+from ml.index import IndexLayout, VectorIndex
 
 SUBJECTS = ["dog", "cat", "beach", "mountain", "city street", "birthday cake", "car", "forest", "child", "boat"]
 MOODS = ["at night", "in the snow", "at sunset", "in the rain", "from above", "close up", "in black and white"]
@@ -108,10 +110,31 @@ def measure_search(report: Report, server: RunningServer, size: str, n: int, tar
     return text[1]
 
 
+def measure_recall(
+    report: Report, *, index_file: Path, layout: IndexLayout, clip: Path, vectors: np.ndarray, size: str, samples: int
+) -> None:
+    """recall@10 of the saved index against an exact scan of the same vectors, for the text queries the
+    latency figures use (embedded by the same model) and for stored images as queries (as /similar does)."""
+    index = VectorIndex.load(index_file, layout)
+    if not index.approximate:
+        return
+    text = ClipEmbedder.load(str(clip), device="cpu").embed_texts(queries(samples))
+    images = vectors[np.random.default_rng(2).choice(len(vectors), size=samples, replace=False)]
+    for name, query in (("text queries", text), ("image queries", images)):
+        exact = np.argsort(-(query @ vectors.T), axis=1)[:, :10] + 1  # ids are 1..n
+        found = index.search(query, 10)
+        recall = np.mean([len(set(row) & {i for i, _ in hits}) / 10 for row, hits in zip(exact, found, strict=True)])
+        report.add(
+            Figure("search", f"recall@10 vs exact, {name}, {size}", float(recall), "", target=0.95, kind="min",
+                   note=index.kind)
+        )  # fmt: skip
+
+
 def run_search(
     report: Report,
     *,
     clip: Path,
+    layout: IndexLayout,
     sizes: dict[str, int],
     photos: list[tuple[str, bytes]],
     samples: int,
@@ -129,8 +152,15 @@ def run_search(
                        Figure("startup", "empty collection: resident memory (models)", baseline_rss, "MB"))  # fmt: skip
         for position, (size, n) in enumerate(sizes.items()):
             storage = Path(tmp) / f"s{n}"
-            seed(storage, str(clip), clustered_vectors(n, dim=embedding_dim(clip)))
-            with serve(storage, clip) as server:
+            vectors = clustered_vectors(n, dim=embedding_dim(clip))
+            index_file = seed(storage, str(clip), vectors, layout)
+            if "search" in parts:
+                measure_recall(report, index_file=index_file, layout=layout, clip=clip, vectors=vectors, size=size,
+                               samples=min(samples, 200))  # fmt: skip
+            del vectors
+            env = {"INDEX_APPROXIMATE_FROM": str(layout.approximate_from),
+                   "INDEX_PROBE_FRACTION": str(layout.probe_fraction)}  # fmt: skip
+            with serve(storage, clip, **env) as server:
                 rss = server.rss_mb()
                 if "search" in parts:
                     idle_p95 = measure_search(report, server, size, n, 40.0 if n <= 100_000 else 60.0, samples)

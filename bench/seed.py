@@ -17,7 +17,7 @@ import numpy as np
 from backend.db import create_engine, init_schema
 from backend.services.storage import FileStore
 from backend.services.vectors import IndexService, vector_to_blob
-from ml.index import VectorIndex
+from ml.index import IndexLayout, VectorIndex
 
 CHUNK = 50_000
 
@@ -28,8 +28,9 @@ async def _schema(database: Path) -> None:
     await engine.dispose()
 
 
-def seed(storage: Path, model_name: str, vectors: np.ndarray) -> None:
-    """Store `vectors` as images 1..n embedded by `model_name`, and save the index the service will load."""
+def seed(storage: Path, model_name: str, vectors: np.ndarray, layout: IndexLayout) -> Path:
+    """Store `vectors` as images 1..n embedded by `model_name`, and save the index a service with `layout`
+    loads as it is (exact, or approximate past the threshold); returns the index file."""
     store = FileStore(storage)
     store.ensure_dirs()
     database = storage / "organizer.db"
@@ -56,7 +57,8 @@ def seed(storage: Path, model_name: str, vectors: np.ndarray) -> None:
             db.commit()
         # A long-lived database has its pages in the main file, not in a 2 GB write-ahead log.
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    index = VectorIndex()
-    index.add(np.arange(1, len(vectors) + 1, dtype=np.int64), vectors)
+    index = VectorIndex(layout=layout)
+    index.reset(np.arange(1, len(vectors) + 1, dtype=np.int64), vectors)
     path = IndexService(index_dir=store.index_dir, model_name=model_name, executor=None, save_interval=0).path  # type: ignore[arg-type]
     index.save(path)
+    return path

@@ -4,6 +4,7 @@ from backend.deps import ContextDep, SessionDep
 from backend.models import Health, IndexHealth, ModelHealth
 from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
+from ml.index import VectorIndex
 
 router = APIRouter(tags=["health"])
 
@@ -21,9 +22,19 @@ async def health(ctx: ContextDep, session: SessionDep) -> Health:
         app=ctx.settings.app_name,
         images=images,
         stale_embeddings=stale,
-        index=IndexHealth(type=ctx.vectors.index.kind, size=len(ctx.vectors.index), dimension=ctx.vectors.index.dim),
+        index=_index_health(ctx.vectors.index),
         model=_model_health(models),
         captioner=_model_health(ctx.captioner),
+    )
+
+
+def _index_health(index: VectorIndex) -> IndexHealth:
+    return IndexHealth(
+        type=index.kind,
+        size=len(index),
+        dimension=index.dim,
+        approximate=index.approximate,
+        reorganizing=index.relayout_running,
     )
 
 

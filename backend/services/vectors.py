@@ -18,7 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
 from backend.models import Image
-from ml.index import VectorIndex
+from ml.index import IndexLayout, VectorIndex
 
 log = logging.getLogger(__name__)
 REBUILD_CHUNK = 10_000
@@ -33,24 +33,38 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
 
 
 class IndexService:
-    def __init__(self, *, index_dir: Path, model_name: str, executor: Executor, save_interval: float) -> None:
+    def __init__(
+        self,
+        *,
+        index_dir: Path,
+        model_name: str,
+        executor: Executor,
+        save_interval: float,
+        layout: IndexLayout | None = None,
+    ) -> None:
         # One file per model, so vectors of two models never meet in one index.
         tag = hashlib.sha1(model_name.encode()).hexdigest()[:12]
         self.path = index_dir / f"faiss-{tag}.index"
         self.model_name = model_name
-        self.index = VectorIndex()
+        self.layout = layout or IndexLayout()
+        self.index = VectorIndex(layout=self.layout)
         self._executor = executor
         self._save_interval = save_interval
         self._dirty = False
         self._save_lock = asyncio.Lock()
         self._autosave: asyncio.Task[None] | None = None
+        self._relayout: asyncio.Task[None] | None = None
 
     async def load_or_rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """Use the saved index when it holds exactly the database's ids; otherwise rebuild it from SQLite.
         The file is read (in the executor) while the database lists its ids."""
         if VectorIndex.remove_leftovers(self.path):
             log.info("removed temp files of an index save that did not finish")
-        reading = asyncio.ensure_future(self._executor.run(VectorIndex.load, self.path)) if self.path.exists() else None
+        reading = (
+            asyncio.ensure_future(self._executor.run(VectorIndex.load, self.path, self.layout))
+            if self.path.exists()
+            else None
+        )
         async with sessions() as session:
             connection = await session.connection()
             result = await connection.exec_driver_sql(
@@ -64,7 +78,8 @@ class IndexService:
                 file_ids = np.sort(loaded.ids())
                 if np.array_equal(file_ids, db_ids):
                     self.index = loaded
-                    log.info("loaded index %s with %d vectors", self.path.name, len(loaded))
+                    log.info("loaded index %s with %d vectors (%s)", self.path.name, len(loaded), loaded.kind)
+                    self._maybe_relayout()
                     return
                 log.warning(
                     "index %s disagrees with the database (%d vs %d ids): rebuilding",
@@ -102,7 +117,7 @@ class IndexService:
         await self._executor.run(self.index.reset, all_ids, all_vectors)
         self._dirty = True
         await self.save()
-        log.info("rebuilt index %s with %d vectors", self.path.name, len(all_ids))
+        log.info("rebuilt index %s with %d vectors (%s)", self.path.name, len(all_ids), self.index.kind)
 
     async def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         await self._executor.run(self.index.add, ids, vectors)
@@ -119,6 +134,26 @@ class IndexService:
         self._dirty = True
         if self._save_interval <= 0:
             await self.save()
+        self._maybe_relayout()
+
+    def _maybe_relayout(self) -> None:
+        """Past the layout's thresholds, rebuild the index in the background (searches and changes go on)."""
+        if self.index.needs_relayout() and (self._relayout is None or self._relayout.done()):
+            self._relayout = asyncio.create_task(self._run_relayout(), name="index-relayout")
+
+    async def _run_relayout(self) -> None:
+        before = self.index.kind
+        try:
+            if await self._executor.run(self.index.relayout):
+                log.info("index %s: %s -> %s (%d vectors)", self.path.name, before, self.index.kind, len(self.index))
+                await self._changed()
+        except Exception:
+            log.exception("rebuilding the index in a new layout failed; it keeps its current one")
+
+    async def wait_for_relayout(self) -> None:
+        """Until a layout change running in the background has finished (tests, shutdown)."""
+        if self._relayout is not None:
+            await asyncio.shield(self._relayout)
 
     async def save(self) -> None:
         async with self._save_lock:
@@ -144,6 +179,7 @@ class IndexService:
                 log.exception("saving the index failed; it will be tried again")
 
     async def close(self) -> None:
+        await self.wait_for_relayout()
         if self._autosave is not None:
             self._autosave.cancel()
             with contextlib.suppress(asyncio.CancelledError):

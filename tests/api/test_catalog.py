@@ -67,7 +67,13 @@ async def test_health_reports_model_and_index(client: httpx.AsyncClient, setting
     health = (await client.get("/health")).json()
     assert health["status"] == "ok"
     assert health["images"] == 1
-    assert health["index"] == {"type": "IndexIDMap2(IndexFlatIP)", "size": 1, "dimension": 16}
+    assert health["index"] == {
+        "type": "IndexIDMap2(IndexFlatIP)",
+        "size": 1,
+        "dimension": 16,
+        "approximate": False,
+        "reorganizing": False,
+    }
     assert health["model"]["name"] == settings.clip_model_name
     assert health["model"]["state"] == "loaded"
     assert health["model"]["loaded"] is True

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.index import VectorIndex
+from ml.index import IndexLayout, VectorIndex
 
 
 def unit(rows: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -104,3 +104,98 @@ def test_searches_run_safely_while_vectors_are_added_and_removed() -> None:
         thread.join()
     assert errors == []
     assert len(index) == 500 + 150
+
+
+# The approximate layout, switched on for small sizes so the tests stay fast.
+SMALL = IndexLayout(approximate_from=400, probe_fraction=1.0)
+
+
+def exact_top(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> list[int]:
+    return list(ids[np.argsort(-(vectors @ query), kind="stable")[:k]])
+
+
+def test_large_collections_get_an_approximate_index_that_finds_what_exact_search_finds() -> None:
+    vectors, ids = unit(1000, dim=16), np.arange(1, 1001)
+    index = VectorIndex(layout=SMALL)
+    index.reset(ids, vectors)
+    assert index.approximate
+    assert "IVF" in index.kind
+    # Probing every list reads every vector, so the ranking is exact up to fp16 rounding.
+    for row in (3, 500, 999):
+        hits = index.search(vectors[row], 5)[0]
+        assert hits[0][0] == ids[row]
+        assert hits[0][1] == pytest.approx(1.0, abs=1e-3)
+        assert [i for i, _ in hits][:3] == exact_top(vectors, ids, vectors[row], 3)
+
+
+def test_approximate_index_deletes_replaces_and_hands_out_vectors_by_id() -> None:
+    vectors, ids = unit(1000, dim=16), np.arange(1, 1001)
+    index = VectorIndex(layout=SMALL)
+    index.reset(ids[::-1].copy(), vectors[::-1].copy())
+    assert index.remove(np.array([5, 6, 123456])) == 2
+    index.add(np.array([7]), vectors[:1])  # 7 now holds the vector of 1
+    assert len(index) == 998
+    assert 5 not in [i for i, _ in index.search(vectors[4], 10)[0]]
+    got_ids, got_vectors = index.snapshot()
+    assert list(got_ids) == [i for i in range(1, 1001) if i not in (5, 6)]
+    expected = vectors[got_ids - 1].copy()
+    expected[list(got_ids).index(7)] = vectors[0]
+    np.testing.assert_allclose(got_vectors, expected, atol=1e-3)
+    sample_ids, sample_vectors = index.sample(50, seed=1)
+    assert len(sample_ids) == 50 and list(sample_ids) != list(got_ids[:50])
+    np.testing.assert_allclose(sample_vectors, expected[np.searchsorted(got_ids, sample_ids)], atol=1e-3)
+
+
+def test_approximate_index_survives_save_and_load(tmp_path: Path) -> None:
+    vectors, ids = unit(1000, dim=16), np.arange(1, 1001)
+    index = VectorIndex(layout=SMALL)
+    index.reset(ids, vectors)
+    index.save(tmp_path / "v.index")
+    loaded = VectorIndex.load(tmp_path / "v.index", layout=SMALL)
+    assert loaded.approximate and loaded.kind == index.kind
+    assert loaded.search(vectors[:3], 5) == index.search(vectors[:3], 5)
+    loaded.remove(np.array([1]))  # the id map came back with it
+    assert 1 not in loaded.ids()
+
+
+def test_growing_past_the_threshold_switches_layout_keeping_changes_made_during_the_switch() -> None:
+    vectors = unit(1200, dim=16)
+    index = VectorIndex(layout=SMALL)
+    index.add(np.arange(1000), vectors[:1000])
+    assert not index.approximate and index.needs_relayout()
+    build = index._build
+
+    def build_while_others_write(ids: np.ndarray, vecs: np.ndarray):  # type: ignore[no-untyped-def]
+        index.add(np.arange(1000, 1200), vectors[1000:])  # an upload lands mid-build
+        index.remove(np.arange(0, 10))  # and a delete
+        assert not index.approximate  # the old index still serves meanwhile
+        return build(ids, vecs)
+
+    index._build = build_while_others_write  # type: ignore[method-assign]
+    assert index.relayout()
+    assert index.approximate and not index.needs_relayout()
+    assert sorted(index.ids()) == list(range(10, 1200))
+    assert index.search(vectors[1100], 1)[0][0][0] == 1100
+    assert not index.relayout()  # nothing left to do
+
+
+def test_shrinking_well_below_the_threshold_goes_back_to_exact_search() -> None:
+    vectors = unit(1000, dim=16)
+    index = VectorIndex(layout=SMALL)
+    index.reset(np.arange(1000), vectors)
+    index.remove(np.arange(700))  # 300 left: above half the threshold, stays approximate
+    assert index.approximate and not index.needs_relayout()
+    index.remove(np.arange(700, 850))  # 150 left
+    assert index.needs_relayout() and index.relayout()
+    assert not index.approximate
+    assert sorted(index.ids()) == list(range(850, 1000))
+
+
+def test_layout_sizes_lists_by_the_square_root_and_refuses_nonsense() -> None:
+    assert IndexLayout.lists_for(100_000) == 256
+    assert IndexLayout.lists_for(1_000_000) == 1024
+    assert IndexLayout.lists_for(10) == 4
+    assert IndexLayout(probe_fraction=0.25).probes_for(1024) == 256
+    assert not IndexLayout(approximate_from=0).approximate(10**9, now_approximate=False)
+    with pytest.raises(ValueError):
+        IndexLayout(probe_fraction=0)
