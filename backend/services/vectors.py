@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from ml.index import IndexLayout, VectorIndex
 
 log = logging.getLogger(__name__)
 REBUILD_CHUNK = 10_000
+# An autosave waits at least this many times as long as the previous save took.
+SAVE_TIME_SHARE = 20
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
@@ -54,6 +57,7 @@ class IndexService:
         self._save_lock = asyncio.Lock()
         self._autosave: asyncio.Task[None] | None = None
         self._relayout: asyncio.Task[None] | None = None
+        self._last_save_seconds = 0.0
 
     async def load_or_rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """Use the saved index when it holds exactly the database's ids; otherwise rebuild it from SQLite.
@@ -160,19 +164,27 @@ class IndexService:
             if not self._dirty:
                 return
             self._dirty = False
+            started = time.perf_counter()
             try:
                 await self._executor.run(self.index.save, self.path)
             except Exception:
                 self._dirty = True
                 raise
+            self._last_save_seconds = time.perf_counter() - started
 
     def start_autosave(self) -> None:
         if self._save_interval > 0 and self._autosave is None:
             self._autosave = asyncio.create_task(self._autosave_loop(), name="index-autosave")
 
+    def autosave_delay(self) -> float:
+        """INDEX_SAVE_INTERVAL, or longer for a large index: saving (about a second per GB) takes at most
+        one twentieth of the time, so a long ingest into a million images is not spent rewriting the file.
+        What a crash loses in between is rebuilt from SQLite at the next start."""
+        return max(self._save_interval, SAVE_TIME_SHARE * self._last_save_seconds)
+
     async def _autosave_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._save_interval)
+            await asyncio.sleep(self.autosave_delay())
             try:
                 await self.save()
             except Exception:
