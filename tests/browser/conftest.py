@@ -62,7 +62,9 @@ def server(
         yield Server(base=running.base, storage=storage, import_root=import_root, log=running.log)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync Playwright keeps an event loop running in the main thread while it is
+# open, and async tests in later modules (pytest-asyncio) cannot start theirs beside it.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():
         pytest.skip(
