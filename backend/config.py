@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backend.apikeys import KeyEntry, parse_entry
+
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -73,15 +75,31 @@ class Settings(BaseSettings):
     import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Browser origins allowed to call the API (comma-separated, or * for any); empty = same origin only.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # API keys, as comma-separated `collection:sha256-of-key` entries (python -m backend.apikeys new NAME
+    # makes one). Empty: no key is needed and everything is in the `default` collection. Otherwise every
+    # route but /health, the page and the API docs needs an X-API-Key header, and each key sees only its
+    # collection (`default` lives in STORAGE_ROOT, any other in STORAGE_ROOT/collections/<name>).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Background jobs that run at the same time; the others wait in the queue.
     job_concurrency: int = Field(default=1, ge=1, le=16)
 
-    @field_validator("tag_vocabulary", "cors_origins", "import_roots", mode="before")
+    @field_validator("tag_vocabulary", "cors_origins", "import_roots", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_entry(entry)  # raises, saying what is wrong
+        return value
+
+    @property
+    def key_entries(self) -> list[KeyEntry]:
+        return [parse_entry(entry) for entry in self.api_keys]
 
     @field_validator("import_roots")
     @classmethod

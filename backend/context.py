@@ -31,6 +31,8 @@ class AppContext:
     vectors: IndexService
     tags: TagService
     jobs: JobService
+    # The collection this context serves (see backend/collections.py).
+    collection: str = "default"
     # Serialises the short commit phase of writes (file rename, row, index) so that
     # two uploads of the same bytes, or an upload and a delete, cannot interleave.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -199,9 +199,13 @@ class ModelHealth(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     app: str
-    images: int
-    stale_embeddings: int = Field(description="Images whose vector was made by another CLIP model.")
-    index: IndexHealth
+    collection: str | None = Field(
+        description="The collection the counts are of; null (and no counts) when API keys are required and "
+        "no valid X-API-Key was sent."
+    )
+    images: int | None
+    stale_embeddings: int | None = Field(description="Images whose vector was made by another CLIP model.")
+    index: IndexHealth | None
     model: ModelHealth = Field(description="The CLIP model (embeddings, search, tags).")
     captioner: ModelHealth = Field(description="The BLIP model (captions); loaded on first use.")
 

@@ -1,6 +1,9 @@
-from fastapi import APIRouter
+from typing import Annotated
 
-from backend.deps import ContextDep, SessionDep
+from fastapi import APIRouter, Depends, Request
+
+from backend.context import AppContext
+from backend.deps import get_context_if_allowed
 from backend.models import Health, IndexHealth, ModelHealth
 from backend.services.catalog import count_images
 from backend.services.embedding import ModelService
@@ -10,21 +13,27 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health, summary="Service, model and index status")
-async def health(ctx: ContextDep, session: SessionDep) -> Health:
-    """Always 200 while the process serves; `status` is `degraded` when CLIP could not be loaded (BLIP is
-    optional: without it only captions are missing)."""
-    images, stale = await count_images(
-        session=session, model_name=ctx.settings.clip_model_name, indexed=len(ctx.vectors.index)
-    )
-    models = ctx.models
+async def health(request: Request, ctx: Annotated[AppContext | None, Depends(get_context_if_allowed)]) -> Health:
+    """Always 200 while the process serves, with or without an API key; `status` is `degraded` when CLIP
+    could not be loaded (BLIP is optional: without it only captions are missing). The counts are of the
+    caller's collection; with API keys required and none given, only the service's state."""
+    models, captioner = request.app.state.ctx.models, request.app.state.ctx.captioner
+    images = stale = index = None
+    if ctx is not None:
+        async with ctx.sessions() as session:
+            images, stale = await count_images(
+                session=session, model_name=ctx.settings.clip_model_name, indexed=len(ctx.vectors.index)
+            )
+        index = _index_health(ctx.vectors.index)
     return Health(
         status="degraded" if models.state == "failed" else "ok",
-        app=ctx.settings.app_name,
+        app=request.app.state.ctx.settings.app_name,
+        collection=None if ctx is None else ctx.collection,
         images=images,
         stale_embeddings=stale,
-        index=_index_health(ctx.vectors.index),
+        index=index,
         model=_model_health(models),
-        captioner=_model_health(ctx.captioner),
+        captioner=_model_health(captioner),
     )
 
 
