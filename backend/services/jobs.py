@@ -193,6 +193,12 @@ class JobService:
             task.cancel()  # it only waits for a slot: nothing to interrupt
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if live.status not in FINISHED:
+                # Cancelled before its task ever ran: _run never got to record the end, so record it here.
+                live.status, live.finished_at = "cancelled", utcnow()
+                await asyncio.shield(self._save(live))
+                self._live.pop(job_id, None)
+                self._tasks.pop(job_id, None)
         else:
             await self._save(live)
         return _detached(live)
