@@ -72,6 +72,14 @@ class _Collector:
         self.text_parts = 0
         self.part = _PartState()
 
+    def decode(self, raw: bytes) -> str:
+        """A header parameter as text. The request's charset may name a codec that is not a text encoding
+        (base64, rot13: LookupError) or that fails whatever the error handler (idna: UnicodeError): UTF-8 then."""
+        try:
+            return raw.decode(self.charset, errors="replace")
+        except (LookupError, UnicodeError):
+            return raw.decode("utf-8", errors="replace")
+
     def on_part_begin(self) -> None:
         self.part = _PartState()
 
@@ -89,7 +97,7 @@ class _Collector:
         _, options = parse_options_header(self.part.headers.get(b"content-disposition", b""))
         if b"name" not in options:
             raise AppError('a multipart part has no Content-Disposition "name"', code="malformed_multipart")
-        name = options[b"name"].decode(self.charset, errors="replace")
+        name = self.decode(options[b"name"])
         if b"filename" not in options:
             self.text_parts += 1
             if self.text_parts > MAX_TEXT_FIELDS:
@@ -99,9 +107,7 @@ class _Collector:
         if self.file_parts > self.max_files:
             raise TooManyFilesError(f"more than {self.max_files} files in one request")
         if name in self.wanted:
-            received = ReceivedFile(
-                form_field=name, filename=options[b"filename"].decode(self.charset, errors="replace")
-            )
+            received = ReceivedFile(form_field=name, filename=self.decode(options[b"filename"]))
             self.files.append(received)
             self.part.target = received
             self.events.append(("open", received, b""))
