@@ -1,10 +1,11 @@
-"""HTTP-level middleware answering in the service's JSON error format: the request-size limit and CORS."""
+"""HTTP-level middleware: the request-size limit and CORS (answering in the service's JSON error format),
+and the headers every response carries."""
 
 from __future__ import annotations
 
 import json
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,6 +70,26 @@ class BodySizeLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class NoSniffMiddleware:
+    """`X-Content-Type-Options: nosniff` on every response: a browser shows a stored file as the type the
+    service decoded it as, never as what it might also parse as (an image with HTML appended stays an image)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, with_header)
 
 
 def _content_length(scope: Scope) -> int | None:

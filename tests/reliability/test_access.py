@@ -174,3 +174,13 @@ async def test_cors_is_same_origin_only_by_default(client: httpx.AsyncClient) ->
     assert "access-control-allow-origin" not in preflight.headers
     answer = await client.get("/images", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in answer.headers
+
+
+async def test_stored_files_are_never_sniffed_as_another_type(client: httpx.AsyncClient) -> None:
+    # A JPEG with HTML after it is stored (it is a whole image); browsers must still treat it as an image.
+    polyglot = make_image_bytes(3) + b"<html><script>alert(1)</script></html>"
+    stored = (await client.post("/images", files={"file": ("p.jpg", polyglot, "image/jpeg")})).json()
+    for path in (f"/images/{stored['id']}/file", f"/images/{stored['id']}/thumbnail", "/health", "/nope"):
+        answer = await client.get(path)
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+    assert (await client.get(f"/images/{stored['id']}/file")).headers["content-type"] == "image/jpeg"
