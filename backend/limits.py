@@ -10,6 +10,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.apikeys import HEADER
 from backend.errors import RequestTooLargeError, error_response
 
 
@@ -72,24 +73,30 @@ class BodySizeLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class NoSniffMiddleware:
-    """`X-Content-Type-Options: nosniff` on every response: a browser shows a stored file as the type the
-    service decoded it as, never as what it might also parse as (an image with HTML appended stays an image)."""
+class SecurityHeadersMiddleware:
+    """Headers on every response. `X-Content-Type-Options: nosniff`: a browser shows a stored file as the type
+    the service decoded it as, never as what it might also parse as (an image with HTML appended stays an
+    image). With API keys, `Vary: X-API-Key`: ids restart in each collection, so `/images/1/file` is another
+    picture for another key, and no cache may hand one collection's answer to another."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, vary_on_key: bool) -> None:
         self.app = app
+        self.vary_on_key = vary_on_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def with_header(message: Message) -> None:
+        async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if self.vary_on_key:
+                    headers.add_vary_header(HEADER)
             await send(message)
 
-        await self.app(scope, receive, with_header)
+        await self.app(scope, receive, with_headers)
 
 
 def _content_length(scope: Scope) -> int | None:

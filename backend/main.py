@@ -17,7 +17,7 @@ from backend.config import Settings, get_settings
 from backend.deps import get_context
 from backend.errors import install_error_handlers
 from backend.executor import Executor
-from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware, NoSniffMiddleware
+from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
 from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(NoSniffMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware, vary_on_key=bool(settings.api_keys))
     if settings.cors_origins:
         # Added last so it is the outermost layer: preflights and error answers carry the CORS headers too.
         app.add_middleware(

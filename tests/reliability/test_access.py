@@ -59,6 +59,8 @@ async def test_every_route_but_health_and_the_page_needs_a_valid_key(run_app: Ap
                     assert answer.json()["code"] == "unauthorized"
         for path in ("/health", "/", "/openapi.json", "/docs"):
             assert (await client.get(path)).status_code == 200
+        # Ids restart in each collection: no cache may give one key's /images/1/file to another key.
+        assert "X-API-Key" in (await client.get("/images/1/file", headers=as_(ALICE))).headers["vary"]
         anonymous = (await client.get("/health")).json()
         assert anonymous["collection"] is None and anonymous["images"] is None and anonymous["status"] == "ok"
 
