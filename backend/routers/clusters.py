@@ -104,6 +104,7 @@ async def latest_clusters(
     response_model=JobPublic,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Start a clustering run (a job)",
+    responses={400: {"model": ErrorBody, "description": "The body cannot be read as JSON (not UTF-8, say)"}},
 )
 async def start_clustering(
     ctx: ContextDep, response: Response, request: Annotated[ClusterRequest | None, Body()] = None

@@ -141,8 +141,15 @@ class JobService:
             result = handle.partial
         # All at once, so no reader sees a finished status without its result and time.
         job.status, job.result, job.error, job.finished_at = status, result, error, utcnow()
+        save = asyncio.ensure_future(self._save(job))
         try:
-            await asyncio.shield(self._save(job))
+            try:
+                await asyncio.shield(save)
+            except asyncio.CancelledError:
+                # Shutdown cancelled us while the end was being written: finish writing it (close() waits
+                # for this task), or the saved record would be lost and read "failed" at the next start.
+                await save
+                raise
         except Exception:
             log.exception("could not record the end of job %s", job.id)
         finally:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 
 import httpx
+import pytest
 
-from backend.services.jobs import RESTART_ERROR, JobHandle
+from backend.config import Settings
+from backend.models import Job
+from backend.services.jobs import RESTART_ERROR, JobHandle, JobService
 from tests.conftest import AppRunner, app_context
 from tests.helpers import upload_many, wait_job
 
@@ -159,3 +163,34 @@ async def test_a_restart_never_leaves_a_job_running(run_app: AppRunner, settings
             assert job["status"] == "failed", job
             assert job["error"] == RESTART_ERROR
             assert job["finished_at"] is not None
+
+
+async def test_a_job_that_finished_as_the_service_stops_keeps_its_result(
+    run_app: AppRunner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the jobs while one is writing its end: the write is completed before the service
+    stops, not dropped (it was: the row stayed "running", and the next start reported a job whose work was
+    done as failed by the restart)."""
+    original = JobService._save
+    writing_end = asyncio.Event()
+
+    async def slow_end(self: JobService, job: Job) -> None:
+        if job.status == "succeeded":
+            writing_end.set()
+            await asyncio.sleep(1.0)  # longer than the rest of the shutdown takes
+        await original(self, job)
+
+    monkeypatch.setattr(JobService, "_save", slow_end)
+
+    async def work(handle: JobHandle) -> dict[str, object]:
+        return {"done": True}
+
+    async with run_app() as client:
+        job = await app_context(client).jobs.submit("caption", {}, work)
+        await writing_end.wait()
+    db = sqlite3.connect(settings.storage_root / "organizer.db")
+    with contextlib.closing(db):
+        assert db.execute("SELECT status FROM job WHERE id = ?", (job.id,)).fetchone() == ("succeeded",)
+    async with run_app() as client:
+        answer = (await client.get(f"/jobs/{job.id}")).json()
+    assert (answer["status"], answer["result"], answer["error"]) == ("succeeded", {"done": True}, None), answer
