@@ -34,9 +34,8 @@ def parse_entry(raw: str) -> KeyEntry:
     """`collection:sha256-hex` -> KeyEntry; ValueError saying what is wrong otherwise."""
     collection, sep, digest = raw.strip().partition(":")
     if not sep:
-        raise ValueError(
-            f"API_KEYS entry {raw[:20]!r}... is not collection:sha256 (make one: python -m backend.apikeys new NAME)"
-        )
+        # The value is not echoed: it may be a raw key pasted by mistake.
+        raise ValueError("an API_KEYS entry is not collection:sha256 (make one: python -m backend.apikeys new NAME)")
     if not COLLECTION_NAME.match(collection):
         raise ValueError(
             f"API_KEYS collection name {collection!r} must be 1-64 of a-z, 0-9, _ and -, starting alphanumeric"

@@ -15,7 +15,10 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 class Settings(BaseSettings):
     """Every knob of the service; `.env.example` lists them with their defaults."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a bad API_KEYS entry may be a raw key pasted by mistake; it must not reach the log.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     app_name: str = "AI Image Organizer"
     storage_root: Path = Path("storage")
@@ -83,7 +86,17 @@ class Settings(BaseSettings):
     # Background jobs that run at the same time; the others wait in the queue.
     job_concurrency: int = Field(default=1, ge=1, le=16)
 
-    @field_validator("tag_vocabulary", "cors_origins", "import_roots", "api_keys", mode="before")
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _key_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            entries = [item.strip() for item in value.split(",") if item.strip()]
+            if value.strip() and not entries:
+                raise ValueError("API_KEYS is set but holds no entry: leave it empty to run without keys")
+            return entries
+        return value
+
+    @field_validator("tag_vocabulary", "cors_origins", "import_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -93,8 +106,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _key_entries(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            parse_entry(entry)  # raises, saying what is wrong
+        owner: dict[bytes, str] = {}
+        for raw in value:
+            entry = parse_entry(raw)  # raises, saying what is wrong
+            other = owner.setdefault(entry.digest, entry.collection)
+            if other != entry.collection:
+                # The same key cannot open two collections: one of the two would silently become unreachable.
+                raise ValueError(f"API_KEYS lists one key's digest for both {other!r} and {entry.collection!r}")
         return value
 
     @property

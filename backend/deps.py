@@ -30,6 +30,8 @@ async def get_context(request: Request, key: Annotated[str | None, Security(api_
     settings = request.app.state.ctx.settings
     if not settings.api_keys:
         return request.app.state.ctx  # type: ignore[no-any-return]
+    if len(set(request.headers.getlist(HEADER))) > 1:
+        raise UnauthorizedError(f"send one {HEADER} header, not several different ones")
     collection = collection_for(settings.key_entries, key)
     if collection is None:
         raise UnauthorizedError(f"a valid {HEADER} header is required" if key else f"missing {HEADER} header")

@@ -18,6 +18,7 @@ from backend.deps import get_context
 from backend.errors import install_error_handlers
 from backend.executor import Executor
 from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
+from backend.models import ErrorBody
 from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
 from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
@@ -26,6 +27,19 @@ from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
 
 log = logging.getLogger("backend")
+
+
+def log_access(settings: Settings) -> None:
+    """Say at startup whether keys are needed, and which collections on disk no key reaches."""
+    on_disk = sorted(p.name for p in (settings.storage_root / "collections").glob("*") if p.is_dir())
+    reachable = {entry.collection for entry in settings.key_entries}
+    if reachable:
+        log.info("API keys: on, %d keys for collections %s", len(settings.key_entries), ", ".join(sorted(reachable)))
+    else:
+        log.warning("API keys: off (API_KEYS is empty): anyone who can reach the service uses the default collection")
+    unreachable = [name for name in on_disk if name not in reachable]
+    if unreachable:
+        log.warning("collections on disk that no key opens (their data stays untouched): %s", ", ".join(unreachable))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.collections = collections = Collections(shared)
         # The default collection opens at startup (a single-user install's whole library); others on first use.
         app.state.ctx = await collections.get(DEFAULT_COLLECTION)
+        log_access(settings)
         try:
             yield
         finally:
@@ -109,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     # Everything else answers only to a valid X-API-Key when API_KEYS is set (get_context checks it).
     protected = [Depends(get_context)]
+    unauthorized = {401: {"model": ErrorBody, "description": "API keys are required and no valid X-API-Key was sent"}}
     for router in (images, search, clusters, jobs, reindex, tags, maps):
-        app.include_router(router.router, dependencies=protected)
+        app.include_router(router.router, dependencies=protected, responses=unauthorized)
     return app

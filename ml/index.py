@@ -195,7 +195,15 @@ class VectorIndex:
                 return [[] for _ in range(len(queries))]
             if queries.shape[1] != self._index.d:
                 raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self._index.d}")
-            scores, ids = self._index.search(queries, min(k, self._index.ntotal))
+            k = min(k, self._index.ntotal)
+            scores, ids = self._index.search(queries, k)
+            if isinstance(self._index, faiss.IndexIVF):
+                # The probed lists may hold fewer than k vectors (a small index, or a query far from every
+                # centroid): those queries read every list instead, so a search never comes back short.
+                short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
+                if len(short):
+                    everything = faiss.SearchParametersIVF(nprobe=self._index.nlist)
+                    scores[short], ids[short] = self._index.search(queries[short], k, params=everything)
         return [
             [(int(i), float(min(1.0, max(-1.0, s)))) for i, s in zip(row_ids, row_scores, strict=True) if i != -1]
             for row_ids, row_scores in zip(ids, scores, strict=True)

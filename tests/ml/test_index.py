@@ -199,3 +199,16 @@ def test_layout_sizes_lists_by_the_square_root_and_refuses_nonsense() -> None:
     assert not IndexLayout(approximate_from=0).approximate(10**9, now_approximate=False)
     with pytest.raises(ValueError):
         IndexLayout(probe_fraction=0)
+
+
+def test_approximate_search_never_comes_back_short_of_k() -> None:
+    # Few vectors over many lists, one list probed: the probed list alone holds fewer than k.
+    vectors = unit(300, dim=16, seed=4)
+    index = VectorIndex(layout=IndexLayout(approximate_from=100, probe_fraction=0.01))
+    index.reset(np.arange(300), vectors)
+    assert index.approximate
+    for hits in index.search(vectors[:20], 50):
+        assert len(hits) == 50 and len({i for i, _ in hits}) == 50
+        assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    index.remove(np.arange(290))
+    assert [len(hits) for hits in index.search(vectors[290:], 200)] == [10] * 10

@@ -57,6 +57,9 @@ async def test_every_route_but_health_and_the_page_needs_a_valid_key(run_app: Ap
                     answer = await client.request(method, path, headers=headers)
                     assert answer.status_code == 401, (method, path, answer.status_code, answer.text)
                     assert answer.json()["code"] == "unauthorized"
+        assert all("401" in operation["responses"] for methods in routes.values() for operation in methods.values())
+        two = await client.get("/images", headers=[("X-API-Key", ALICE), ("X-API-Key", BOB)])
+        assert two.status_code == 401 and "one X-API-Key" in two.json()["detail"]
         for path in ("/health", "/", "/openapi.json", "/docs"):
             assert (await client.get(path)).status_code == 200
         # Ids restart in each collection: no cache may give one key's /images/1/file to another key.
@@ -141,6 +144,10 @@ def test_keys_are_configured_as_digests_and_compared_in_constant_time(monkeypatc
         Settings(api_keys=[f"alice:{ALICE}"])  # the key itself is refused: only its digest is configured
     with pytest.raises(ValueError, match="collection name"):
         Settings(api_keys=[f"../etc:{apikeys.digest_of(ALICE)}"])
+    with pytest.raises(ValueError, match="both 'alice' and 'carol'"):
+        Settings(api_keys=[*KEYS, f"carol:{apikeys.digest_of(ALICE)}"])  # one key cannot open two collections
+    rotated = Settings(api_keys=[*KEYS, f"alice:{apikeys.digest_of('new-alice-key')}"]).key_entries
+    assert apikeys.collection_for(rotated, "new-alice-key") == apikeys.collection_for(rotated, ALICE) == "alice"
     entries = Settings(api_keys=KEYS).key_entries
     assert all(ALICE.encode() not in entry.digest for entry in entries)
     calls: list[int] = []
@@ -186,3 +193,13 @@ async def test_stored_files_are_never_sniffed_as_another_type(client: httpx.Asyn
         answer = await client.get(path)
         assert answer.headers["x-content-type-options"] == "nosniff", path
     assert (await client.get(f"/images/{stored['id']}/file")).headers["content-type"] == "image/jpeg"
+
+
+def test_a_bad_api_keys_setting_stops_startup_without_printing_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw_key = apikeys.new_key()
+    for value in (raw_key, f"alice:{raw_key}", " , "):
+        monkeypatch.setenv("API_KEYS", value)
+        with pytest.raises(ValueError) as refused:
+            Settings()
+        assert raw_key not in str(refused.value) and raw_key[3:20] not in str(refused.value)
+        assert "API_KEYS" in str(refused.value)
