@@ -203,3 +203,20 @@ def test_a_bad_api_keys_setting_stops_startup_without_printing_the_value(monkeyp
             Settings()
         assert raw_key not in str(refused.value) and raw_key[3:20] not in str(refused.value)
         assert "API_KEYS" in str(refused.value)
+
+
+async def test_startup_says_whether_keys_are_on_and_which_collections_no_key_opens(
+    run_app: AppRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_app(api_keys=KEYS) as client:
+        await upload(client, BOB, [4])
+    with caplog.at_level("INFO", logger="backend"):
+        async with run_app(api_keys=KEYS[:1]) as client:
+            assert (await client.get("/images", headers=as_(BOB))).status_code == 401
+    assert "API keys: on, 1 keys for collections alice" in caplog.text
+    assert "no key opens (their data stays untouched): bob" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="backend"):
+        async with run_app() as client:
+            pass
+    assert "API keys: off" in caplog.text
