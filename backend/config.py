@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     @classmethod
     def _key_list(cls, value: object) -> object:
         if isinstance(value, str):
-            entries = [item.strip() for item in value.split(",") if item.strip()]
+            entries = _split(value)
             if value.strip() and not entries:
                 raise ValueError("API_KEYS is set but holds no entry: leave it empty to run without keys")
             return entries
@@ -99,9 +99,7 @@ class Settings(BaseSettings):
     @field_validator("tag_vocabulary", "cors_origins", "import_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        return _split(value) if isinstance(value, str) else value
 
     @field_validator("api_keys")
     @classmethod
@@ -134,6 +132,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.storage_root / 'organizer.db'}"
+
+
+def _split(value: str) -> list[str]:
+    """A comma-separated setting's items, stripped, empty ones left out."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 @lru_cache

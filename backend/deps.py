@@ -27,12 +27,12 @@ class UnauthorizedError(AppError):
 async def get_context(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> AppContext:
     """The caller's collection: the default one without API keys, else the one the X-API-Key opens (401 when
     the key is missing or unknown)."""
-    settings = request.app.state.ctx.settings
-    if not settings.api_keys:
+    entries = request.app.state.key_entries  # parsed once, by create_app
+    if not entries:
         return request.app.state.ctx  # type: ignore[no-any-return]
     if len(set(request.headers.getlist(HEADER))) > 1:
         raise UnauthorizedError(f"send one {HEADER} header, not several different ones")
-    collection = collection_for(settings.key_entries, key)
+    collection = collection_for(entries, key)
     if collection is None:
         raise UnauthorizedError(f"a valid {HEADER} header is required" if key else f"missing {HEADER} header")
     if collection == DEFAULT_COLLECTION:

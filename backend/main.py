@@ -11,7 +11,7 @@ import torch
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
-from backend.apikeys import DEFAULT_COLLECTION
+from backend.apikeys import DEFAULT_COLLECTION, KeyEntry
 from backend.collections import Collections, Shared
 from backend.config import Settings, get_settings
 from backend.deps import get_context
@@ -29,12 +29,12 @@ from ml.embedder import ClipEmbedder
 log = logging.getLogger("backend")
 
 
-def log_access(settings: Settings) -> None:
+def log_access(settings: Settings, entries: list[KeyEntry]) -> None:
     """Say at startup whether keys are needed, and which collections on disk no key reaches."""
     on_disk = sorted(p.name for p in (settings.storage_root / "collections").glob("*") if p.is_dir())
-    reachable = {entry.collection for entry in settings.key_entries}
+    reachable = {entry.collection for entry in entries}
     if reachable:
-        log.info("API keys: on, %d keys for collections %s", len(settings.key_entries), ", ".join(sorted(reachable)))
+        log.info("API keys: on, %d keys for collections %s", len(entries), ", ".join(sorted(reachable)))
     else:
         log.warning("API keys: off (API_KEYS is empty): anyone who can reach the service uses the default collection")
     unreachable = [name for name in on_disk if name not in reachable]
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.collections = collections = Collections(shared)
         # The default collection opens at startup (a single-user install's whole library); others on first use.
         app.state.ctx = await collections.get(DEFAULT_COLLECTION)
-        log_access(settings)
+        log_access(settings, app.state.key_entries)
         try:
             yield
         finally:
@@ -107,7 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(SecurityHeadersMiddleware, vary_on_key=bool(settings.api_keys))
+    app.state.key_entries = settings.key_entries  # parsed once: get_context reads them on every request
+    app.add_middleware(SecurityHeadersMiddleware, vary_on_key=bool(app.state.key_entries))
     if settings.cors_origins:
         # Added last so it is the outermost layer: preflights and error answers carry the CORS headers too.
         app.add_middleware(
