@@ -25,30 +25,31 @@ def _built(name: str, build: Callable[[Path], object]) -> Path:
     return target
 
 
-def full_clip() -> Path:
-    """A saved random-weight ViT-B/32 CLIP with the real processor."""
-    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+def _full_random(name: str, source_name: str, model_class: str, config_class: str) -> Path:
+    """`.models/<name>`: a random-weight (seed 0) model of `../shared/models/<source_name>`'s exact shape, with
+    the real processor; `model_class` and `config_class` are transformers class names."""
+    import transformers
 
     def build(target: Path) -> None:
-        source = SHARED_MODELS / "clip-vit-base-patch32"
+        source = SHARED_MODELS / source_name
+        config = getattr(transformers, config_class).from_pretrained(source)
         torch.manual_seed(0)
-        CLIPModel(CLIPConfig.from_pretrained(source)).eval().save_pretrained(target)
-        AutoProcessor.from_pretrained(source).save_pretrained(target)
+        getattr(transformers, model_class)(config).eval().save_pretrained(target)
+        transformers.AutoProcessor.from_pretrained(source).save_pretrained(target)
 
-    return _built("bench-clip-vit-base-patch32", build)
+    return _built(name, build)
+
+
+def full_clip() -> Path:
+    """A saved random-weight ViT-B/32 CLIP with the real processor."""
+    return _full_random("bench-clip-vit-base-patch32", "clip-vit-base-patch32", "CLIPModel", "CLIPConfig")
 
 
 def full_blip() -> Path:
     """A saved random-weight BLIP-base captioner with the real processor."""
-    from transformers import AutoProcessor, BlipConfig, BlipForConditionalGeneration
-
-    def build(target: Path) -> None:
-        source = SHARED_MODELS / "blip-image-captioning-base"
-        torch.manual_seed(0)
-        BlipForConditionalGeneration(BlipConfig.from_pretrained(source)).eval().save_pretrained(target)
-        AutoProcessor.from_pretrained(source).save_pretrained(target)
-
-    return _built("bench-blip-image-captioning-base", build)
+    return _full_random(
+        "bench-blip-image-captioning-base", "blip-image-captioning-base", "BlipForConditionalGeneration", "BlipConfig"
+    )
 
 
 def tiny_clip() -> Path:
