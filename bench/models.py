@@ -1,4 +1,4 @@
-"""Full-size CLIP ViT-B/32 and BLIP-base with random weights, built once from ../shared/models.
+"""Full-size CLIP ViT-B/32 and BLIP-base with random weights, built once from tests/fixtures/models.
 
 Their compute is exactly the real models' (same configs), so throughput and latency figures hold for the
 real weights; what they say means nothing.
@@ -6,14 +6,12 @@ real weights; what they say means nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", REPO_ROOT.parent / "shared" / "models"))
 CACHE = REPO_ROOT / ".models"
 
 
@@ -26,12 +24,14 @@ def _built(name: str, build: Callable[[Path], object]) -> Path:
 
 
 def _full_random(name: str, source_name: str, model_class: str, config_class: str) -> Path:
-    """`.models/<name>`: a random-weight (seed 0) model of `../shared/models/<source_name>`'s exact shape, with
+    """`.models/<name>`: a random-weight (seed 0) model of `tests/fixtures/models/<source_name>`'s exact shape, with
     the real processor; `model_class` and `config_class` are transformers class names."""
     import transformers
 
+    from tests.tiny_models import MODEL_FILES
+
     def build(target: Path) -> None:
-        source = SHARED_MODELS / source_name
+        source = MODEL_FILES / source_name
         config = getattr(transformers, config_class).from_pretrained(source)
         torch.manual_seed(0)
         getattr(transformers, model_class)(config).eval().save_pretrained(target)
@@ -54,7 +54,7 @@ def full_blip() -> Path:
 
 def tiny_clip() -> Path:
     """The test suite's tiny CLIP, for `--quick` runs that only check the benchmarks themselves work."""
-    from tests.conftest import build_tiny_clip
+    from tests.tiny_models import build_tiny_clip
 
     return _built("bench-tiny-clip", build_tiny_clip)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -15,31 +14,7 @@ from asgi_lifespan import LifespanManager
 from backend.config import Settings
 from backend.context import AppContext
 from backend.main import create_app
-from tests.tiny_models import build_tiny_blip
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", REPO_ROOT.parent / "shared" / "models"))
-CLIP_SOURCE = SHARED_MODELS / "clip-vit-base-patch32"
-
-
-def build_tiny_clip(target: Path, seed: int = 0) -> Path:
-    """A CLIP with 2 small layers per tower and the real tokenizer and preprocessing, saved as a snapshot."""
-    from transformers import AutoProcessor, CLIPConfig, CLIPModel
-
-    if not (CLIP_SOURCE / "config.json").is_file():
-        raise RuntimeError(
-            f"CLIP description files not found at {CLIP_SOURCE}; set SHARED_MODELS_DIR to the folder "
-            "holding clip-vit-base-patch32/"
-        )
-    config = CLIPConfig.from_pretrained(CLIP_SOURCE)
-    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config.text_config.update(tiny)
-    config.vision_config.update(tiny)
-    config.projection_dim = 16
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(target)
-    AutoProcessor.from_pretrained(CLIP_SOURCE).save_pretrained(target)
-    return target
+from tests.tiny_models import build_tiny_blip, build_tiny_clip
 
 
 @pytest.fixture(scope="session")

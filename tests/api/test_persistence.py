@@ -117,7 +117,7 @@ async def test_unloadable_model_is_reported_and_answers_503(
 async def test_images_of_another_model_stay_listed_but_leave_the_index(
     run_app: AppRunner, settings: Settings, tmp_path
 ) -> None:
-    from tests.conftest import build_tiny_clip
+    from tests.tiny_models import build_tiny_clip
 
     other = build_tiny_clip(tmp_path / "other-clip", seed=1)
     async with run_app() as client:

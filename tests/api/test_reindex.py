@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AppRunner, build_tiny_clip
+from tests.conftest import AppRunner
 from tests.helpers import make_image_bytes, upload_many, wait_job
+from tests.tiny_models import build_tiny_clip
 
 
 @pytest.fixture(scope="module")
