@@ -2,9 +2,9 @@
 
 Each collection is a whole stack of its own — SQLite database, files, FAISS index, jobs, clustering runs —
 so one collection cannot see, find or delete another's images: no query of one can reach the other's
-data. What they share is what holds no data of theirs: settings, the executor, the models and the tag
-vocabulary. `default` lives in STORAGE_ROOT (where a single-user install keeps everything); any other
-collection in STORAGE_ROOT/collections/<name>, opened on its first request.
+data. What they share is what holds no data of theirs: settings, the executor, the image pipeline, the
+model loaders and the tag vocabulary. `default` lives in STORAGE_ROOT (where a single-user install keeps
+everything); any other collection in STORAGE_ROOT/collections/<name>, opened on its first request.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from backend.apikeys import DEFAULT_COLLECTION
@@ -21,12 +21,13 @@ from backend.context import AppContext
 from backend.db import create_engine, init_schema, session_factory
 from backend.executor import Executor
 from backend.services.catalog import count_images
-from backend.services.embedding import ModelService
+from backend.services.index import IndexService
 from backend.services.jobs import JobService
 from backend.services.maintenance import sweep_in_background
+from backend.services.model_loader import ModelLoader
+from backend.services.pipeline import ImagePipeline
 from backend.services.storage import FileStore
 from backend.services.tagging import TagService
-from backend.services.vectors import IndexService
 from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
 from ml.index import IndexLayout
@@ -40,11 +41,11 @@ class Shared:
 
     settings: Settings
     executor: Executor
-    models: ModelService[ClipEmbedder]
-    captioner: ModelService[BlipCaptioner]
+    # One bulk forward pass at a time across all collections (they share the cores): the pipeline's lock.
+    pipeline: ImagePipeline
+    clip: ModelLoader[ClipEmbedder]
+    blip: ModelLoader[BlipCaptioner]
     tags: TagService
-    # One bulk forward pass at a time across all collections: they share the cores.
-    bulk_forward: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def collection_root(settings: Settings, name: str) -> Path:
@@ -71,16 +72,16 @@ async def open_collection(shared: Shared, name: str) -> tuple[AppContext, asynci
     interrupted = await jobs.recover()
     if interrupted:
         log.warning("collection %s: marked %d jobs an earlier run left unfinished as failed", name, interrupted)
-    vectors = IndexService(
+    index = IndexService(
         index_dir=store.index_dir,
         model_name=settings.clip_model_name,
         executor=shared.executor,
         save_interval=settings.index_save_interval,
         layout=IndexLayout(settings.index_approximate_from, settings.index_probe_fraction),
     )
-    await vectors.load_or_rebuild(sessions)
+    await index.load_or_rebuild(sessions)
     async with sessions() as session:
-        _, stale = await count_images(session=session, model_name=settings.clip_model_name, indexed=len(vectors.index))
+        _, stale = await count_images(session, model_name=settings.clip_model_name, indexed=index.count)
     if stale:
         log.warning(
             "collection %s: %d images were embedded by another CLIP model than %r: they are not searched until "
@@ -89,20 +90,20 @@ async def open_collection(shared: Shared, name: str) -> tuple[AppContext, asynci
             stale,
             settings.clip_model_name,
         )
-    vectors.start_autosave()
+    index.start_autosave()
     ctx = AppContext(
         settings=settings,
         executor=shared.executor,
+        pipeline=shared.pipeline,
         engine=engine,
         sessions=sessions,
         store=store,
-        models=shared.models,
-        captioner=shared.captioner,
-        vectors=vectors,
-        tags=shared.tags,
+        index=index,
         jobs=jobs,
+        clip=shared.clip,
+        blip=shared.blip,
+        tags=shared.tags,
         collection=name,
-        bulk_forward=shared.bulk_forward,
     )
     sweep = asyncio.create_task(sweep_in_background(ctx), name=f"sweep-orphan-files-{name}")
     return ctx, sweep
@@ -141,6 +142,6 @@ class Collections:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweep
             await ctx.jobs.close()
-            await ctx.vectors.close()
+            await ctx.index.close()
             await ctx.engine.dispose()
         self._open.clear()

@@ -1,4 +1,10 @@
-"""Everything the app's lifespan creates and the services share, in one place."""
+"""One collection's context: what every service call works on.
+
+A collection is a whole library of its own (database, files, vector index, jobs). Its context holds those,
+together with what all collections share and none owns: the settings, the executor, the image pipeline, the
+model loaders and the tag vocabulary (see backend/collections.py). Services receive the context of the
+caller's collection and never reach another.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.config import Settings
 from backend.executor import Executor
-from backend.services.embedding import ModelService
+from backend.services.index import IndexService
 from backend.services.jobs import JobService
+from backend.services.model_loader import ModelLoader
+from backend.services.pipeline import ImagePipeline
 from backend.services.storage import FileStore
 from backend.services.tagging import TagService
-from backend.services.vectors import IndexService
 from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
 
@@ -23,19 +30,19 @@ from ml.embedder import ClipEmbedder
 class AppContext:
     settings: Settings
     executor: Executor
+    pipeline: ImagePipeline
+    # The collection's own: database, files, index, jobs.
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     store: FileStore
-    models: ModelService[ClipEmbedder]
-    captioner: ModelService[BlipCaptioner]
-    vectors: IndexService
-    tags: TagService
+    index: IndexService
     jobs: JobService
+    # Shared: the CLIP and BLIP loaders and the zero-shot tag vocabulary.
+    clip: ModelLoader[ClipEmbedder]
+    blip: ModelLoader[BlipCaptioner]
+    tags: TagService
     # The collection this context serves (see backend/collections.py).
     collection: str = "default"
     # Serialises the short commit phase of writes (file rename, row, index) so that
     # two uploads of the same bytes, or an upload and a delete, cannot interleave.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # One bulk forward pass at a time (uploads, imports, re-embedding): two would split the cores between
-    # them and finish no sooner, while the other executor worker can decode the next batch meanwhile.
-    bulk_forward: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -1,8 +1,13 @@
-"""Domain errors and the handlers that turn every error into `{"detail": ..., "code": ...}`."""
+"""Domain errors, and the one place that turns them (and every other error) into `{"detail", "code"}` answers.
+
+Services raise the named errors below; they know nothing of HTTP. Each error belongs to a kind (a base
+class: `InvalidInput`, `NotFound`, `Conflict`, ...) and `HTTP_STATUS` maps kinds to status codes, here and
+nowhere else. `code` is stable for clients; `detail` is a sentence for people.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,59 +16,210 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 
-class AppError(Exception):
-    """An error the client can act on: an HTTP status, a stable code and a sentence."""
+class DomainError(Exception):
+    """Something the caller can act on: a stable code and a sentence."""
 
-    status_code = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, status_code: int | None = None) -> None:
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         if code is not None:
             self.code = code
-        if status_code is not None:
-            self.status_code = status_code
+
+    def about(self, subject: str) -> Self:
+        """The same error, its sentence prefixed with what it is about (a filename, say)."""
+        return type(self)(f"{subject}: {self.detail}", code=self.code)
 
 
-class NotFoundError(AppError):
-    status_code = 404
+# The kinds. Every error below is one of them; HTTP_STATUS gives each kind its status code.
+class InvalidInput(DomainError):
+    """The request (a body, a file, a path) cannot be used as it is."""
+
+
+class InvalidParameter(DomainError):
+    """A parameter has a value outside what the operation accepts."""
+
+    code = "validation_error"
+
+
+class Unauthorized(DomainError):
+    code = "unauthorized"
+
+
+class Forbidden(DomainError):
+    code = "forbidden"
+
+
+class NotFound(DomainError):
     code = "not_found"
 
 
-class InvalidImageError(AppError):
-    status_code = 400
-    code = "invalid_image"
+class Conflict(DomainError):
+    """The request is fine, but the state of the collection does not allow it now."""
+
+    code = "conflict"
 
 
-class EmptyFileError(AppError):
-    status_code = 400
-    code = "empty_file"
-
-
-class UnsupportedFormatError(AppError):
-    status_code = 415
-    code = "unsupported_format"
-
-
-class FileTooLargeError(AppError):
-    status_code = 413
+class TooLarge(DomainError):
     code = "file_too_large"
 
 
-class ImageTooLargeError(AppError):
-    status_code = 422
+class UnsupportedFormat(DomainError):
+    code = "unsupported_format"
+
+
+class Unprocessable(DomainError):
+    """A well-formed input the service will not process (an image with too many pixels, say)."""
+
+    code = "unprocessable"
+
+
+class Unavailable(DomainError):
+    """Something the operation needs (a model, the service itself) is not available right now."""
+
+    code = "unavailable"
+
+
+class StorageFailure(DomainError):
+    """The service could not write what it was given (disk full, I/O error): not the caller's fault."""
+
+    code = "storage_error"
+
+
+# Images and files.
+class InvalidImageError(InvalidInput):
+    code = "invalid_image"
+
+
+class EmptyFileError(InvalidInput):
+    code = "empty_file"
+
+
+class UnsupportedFormatError(UnsupportedFormat):
+    code = "unsupported_format"
+
+
+class FileTooLargeError(TooLarge):
+    code = "file_too_large"
+
+
+class ImageTooLargeError(Unprocessable):
     code = "image_too_large"
 
 
-class TooManyFilesError(AppError):
-    status_code = 400
+class TooManyFilesError(InvalidInput):
     code = "too_many_files"
 
 
-class ModelUnavailableError(AppError):
-    status_code = 503
+class MalformedMultipart(InvalidInput):
+    code = "malformed_multipart"
+
+
+class NoFileSent(InvalidParameter):
+    code = "no_file"
+
+
+class UnreadableFile(InvalidInput):
+    """A file of a folder being imported could not be read."""
+
+    code = "unreadable"
+
+
+# Records.
+class ImageNotFound(NotFound):
+    code = "image_not_found"
+
+
+class StoredFileMissing(NotFound):
+    code = "file_missing"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
+class ClusterNotFound(NotFound):
+    code = "cluster_not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class JobFinished(Conflict):
+    code = "job_finished"
+
+
+class StaleEmbedding(Conflict):
+    """An image whose vector another CLIP model made than the current one."""
+
+    code = "stale_embedding"
+
+
+class DeletedMeanwhile(Conflict):
+    code = "deleted_meanwhile"
+
+
+class OriginalUnreadable(Conflict):
+    code = "original_unreadable"
+
+
+class ClusteringFailed(Conflict):
+    code = "clustering_failed"
+
+
+class InvalidClustering(InvalidInput):
+    code = "invalid_clustering"
+
+
+class NothingToDo(InvalidParameter):
+    code = "nothing_to_do"
+
+
+# Folder import paths: refused (403), malformed (400) or not there (404).
+class ImportPathRefused(Forbidden):
+    code = "import_path_refused"
+
+
+class InvalidImportPath(InvalidInput):
+    code = "invalid_path"
+
+
+class ImportPathNotFound(NotFound):
+    code = "path_not_found"
+
+
+# The service's own state.
+class ModelUnavailableError(Unavailable):
     code = "model_unavailable"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+HTTP_STATUS: dict[type[DomainError], int] = {
+    InvalidInput: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    UnsupportedFormat: 415,
+    InvalidParameter: 422,
+    Unprocessable: 422,
+    StorageFailure: 500,
+    Unavailable: 503,
+}
+
+
+def http_status(error: DomainError) -> int:
+    """The status code of an error's kind (400 for a bare DomainError)."""
+    for kind in type(error).__mro__:
+        if kind in HTTP_STATUS:
+            return HTTP_STATUS[kind]
+    return 400
 
 
 class RequestTooLargeError(StarletteHTTPException):
@@ -92,6 +248,10 @@ def error_response(status_code: int, detail: str, code: str, **extra: Any) -> JS
     return JSONResponse(status_code=status_code, content={"detail": detail, "code": code, **extra})
 
 
+def domain_error_response(error: DomainError, **extra: Any) -> JSONResponse:
+    return error_response(http_status(error), error.detail, error.code, **extra)
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -109,9 +269,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(AppError)
-    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail, exc.code)
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return domain_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -119,7 +279,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code)
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code) or "error"
         response = error_response(exc.status_code, str(exc.detail), code)
         if exc.headers:
             response.headers.update(exc.headers)

@@ -17,11 +17,12 @@ from backend.config import Settings, get_settings
 from backend.deps import get_context
 from backend.errors import install_error_handlers
 from backend.executor import Executor
-from backend.limits import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
+from backend.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
 from backend.models import ErrorBody
 from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
-from backend.services.embedding import ModelService
 from backend.services.imaging import set_pixel_limit
+from backend.services.model_loader import ModelLoader
+from backend.services.pipeline import ImagePipeline
 from backend.services.tagging import TagService
 from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = Executor(settings.executor_workers, settings.bulk_niceness)
         # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
         torch.set_num_threads(executor.workers)
-        models = ModelService(
+        clip = ModelLoader(
             label="CLIP",
             model_name=settings.clip_model_name,
             loader=partial(
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             executor=executor,
         )
-        captioner = ModelService(
+        blip = ModelLoader(
             label="BLIP",
             model_name=settings.blip_model_name,
             loader=partial(
@@ -74,12 +75,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor=executor,
         )
         if settings.clip_preload:
-            models.start_loading()  # the model loads while the index is read
+            clip.start_loading()  # the model loads while the index is read
         shared = Shared(
             settings=settings,
             executor=executor,
-            models=models,
-            captioner=captioner,
+            pipeline=ImagePipeline(
+                executor=executor, max_pixels=settings.max_image_pixels, thumbnail_size=settings.thumbnail_size
+            ),
+            clip=clip,
+            blip=blip,
             tags=TagService(
                 names=settings.tag_vocabulary,
                 per_image=settings.tags_per_image,
@@ -95,8 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await collections.close()
-            await models.close()
-            await captioner.close()
+            await clip.close()
+            await blip.close()
             executor.shutdown()
 
     # Swagger UI and ReDoc served from the package's own copies, so /docs works without internet.

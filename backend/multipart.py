@@ -15,10 +15,9 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from backend.errors import AppError, TooManyFilesError
+from backend.errors import DomainError, MalformedMultipart, NoFileSent, TooManyFilesError
 from backend.executor import Executor
-from backend.services.ingest import IncomingFile
-from backend.services.storage import FileStore, StagingWriter
+from backend.services.storage import FileStore, IncomingFile, StagingWriter
 
 if TYPE_CHECKING:
     from backend.context import AppContext
@@ -45,9 +44,8 @@ def multipart_body(*, required: bool = True, **fields: tuple[bool, str]) -> dict
 
 @dataclass
 class ReceivedFile(IncomingFile):
-    """An IncomingFile for the ingest service, plus the form field it came in and its open writer."""
+    """An IncomingFile for the services, with its staging writer while the part is being received."""
 
-    form_field: str = ""
     writer: StagingWriter | None = field(default=None, repr=False)
 
 
@@ -96,12 +94,12 @@ class _Collector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.part.headers.get(b"content-disposition", b""))
         if b"name" not in options:
-            raise AppError('a multipart part has no Content-Disposition "name"', code="malformed_multipart")
+            raise MalformedMultipart('a multipart part has no Content-Disposition "name"')
         name = self.decode(options[b"name"])
         if b"filename" not in options:
             self.text_parts += 1
             if self.text_parts > MAX_TEXT_FIELDS:
-                raise AppError(f"more than {MAX_TEXT_FIELDS} text fields", code="too_many_fields")
+                raise MalformedMultipart(f"more than {MAX_TEXT_FIELDS} text fields", code="too_many_fields")
             return
         self.file_parts += 1
         if self.file_parts > self.max_files:
@@ -137,7 +135,7 @@ async def receive_files(
     try:
         if content_type == b"multipart/form-data":
             if b"boundary" not in params:
-                raise AppError("multipart body without a boundary", code="malformed_multipart")
+                raise MalformedMultipart("multipart body without a boundary")
             charset = params.get(b"charset", b"utf-8").decode("latin-1")
             try:
                 charset = codecs.lookup(charset).name
@@ -157,8 +155,8 @@ async def receive_files(
 @asynccontextmanager
 async def receive_uploads(
     request: Request, ctx: AppContext, *, fields: set[str], missing: str, max_files: int | None = None
-) -> AsyncIterator[list[ReceivedFile]]:
-    """receive_files with the app's limits; a body without any file part is a 422 that says `missing`."""
+) -> AsyncIterator[list[IncomingFile]]:
+    """receive_files with the app's limits; a body without any file part is refused with `missing` as the reason."""
     async with receive_files(
         request,
         store=ctx.store,
@@ -168,7 +166,7 @@ async def receive_uploads(
         max_file_bytes=ctx.settings.max_upload_bytes,
     ) as received:
         if not received:
-            raise AppError(missing, code="no_file", status_code=422)
+            raise NoFileSent(missing)
         yield list(received)
 
 
@@ -188,10 +186,10 @@ async def _parse(
         parser.finalize()
         await _apply(collector, store, executor, max_file_bytes)
     except FormParserError as exc:  # a bad boundary, broken framing, oversized part headers
-        raise AppError(f"malformed multipart body: {exc}", code="malformed_multipart") from exc
+        raise MalformedMultipart(f"malformed multipart body: {exc}") from exc
     for received in collector.files:
         if received.staged is None and received.error is None:
-            received.error = AppError("the file part ended before the body did", code="malformed_multipart")
+            received.error = MalformedMultipart("the file part ended before the body did")
 
 
 def _callbacks(collector: _Collector) -> dict[str, object]:
@@ -217,7 +215,7 @@ async def _apply(collector: _Collector, store: FileStore, executor: Executor, ma
         if pending is not None and buffered and pending.writer is not None:
             try:
                 await executor.run(pending.writer.write, b"".join(buffered))
-            except AppError as exc:  # too large: the writer has removed its file
+            except DomainError as exc:  # too large: the writer has removed its file
                 pending.writer, pending.error = None, exc
         pending = None
         buffered.clear()
@@ -241,6 +239,6 @@ async def _apply(collector: _Collector, store: FileStore, executor: Executor, ma
                 continue
             try:
                 received.staged = await executor.run(writer.finish)
-            except AppError as exc:  # empty file
+            except DomainError as exc:  # empty file
                 received.error = exc
     await flush()

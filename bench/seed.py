@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from backend.db import create_engine, init_schema
+from backend.services.index import index_file, vector_to_blob
 from backend.services.storage import FileStore
-from backend.services.vectors import IndexService, vector_to_blob
 from ml.index import IndexLayout, VectorIndex
 
 CHUNK = 50_000
@@ -59,6 +59,6 @@ def seed(storage: Path, model_name: str, vectors: np.ndarray, layout: IndexLayou
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     index = VectorIndex(layout=layout)
     index.reset(np.arange(1, len(vectors) + 1, dtype=np.int64), vectors)
-    path = IndexService(index_dir=store.index_dir, model_name=model_name, executor=None, save_interval=0).path  # type: ignore[arg-type]
+    path = index_file(store.index_dir, model_name)
     index.save(path)
     return path

@@ -1,10 +1,11 @@
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 
-from backend.deps import ContextDep, SessionDep
-from backend.errors import NotFoundError
+from backend.deps import ContextDep
+from backend.errors import domain_error_response, http_status
 from backend.models import (
     VALIDATION_ERROR_RESPONSE,
     ErrorBody,
@@ -14,18 +15,14 @@ from backend.models import (
     ImportRequest,
     JobPublic,
     SearchResults,
-    TagScore,
     UploadBatch,
     UploadError,
     UploadItem,
 )
 from backend.multipart import multipart_body, receive_uploads
-from backend.services import catalog, search
-from backend.services.captions import caption_one, start_caption_job
-from backend.services.importer import start_import
-from backend.services.ingest import IngestOutcome, ingest_files
-from backend.services.jobs import to_public
-from backend.services.tagging import load_tags
+from backend.services import captions, catalog, importer, search, uploads
+from backend.services.catalog import StoredFile
+from backend.services.jobs import job_public
 
 router = APIRouter(
     prefix="/images",
@@ -58,35 +55,28 @@ _UPLOAD_ERRORS = {
     ),
 )
 async def upload_images(
-    request: Request, ctx: ContextDep, session: SessionDep, response: Response
+    request: Request, ctx: ContextDep, response: Response
 ) -> ImageUploaded | UploadBatch | JSONResponse:
     """Store, thumbnail and embed images. The same bytes again return the stored record with `duplicate: true`."""
-    await ctx.models.get()  # 503 before the body is read when the model is unavailable (ingest asks again)
-    async with receive_uploads(
-        request,
+    result = await uploads.upload_images(
         ctx,
-        fields={"file", "files"},
-        missing="send images as multipart/form-data in the field `file` or `files`",
-    ) as received:
-        outcomes = await ingest_files(
-            ctx=ctx,
-            session=session,
-            files=received,
-        )
-    created = [o.image.id for o in outcomes if o.created and o.image is not None and o.image.id is not None]
-    if ctx.settings.caption_on_upload and created:
-        await start_caption_job(ctx, created)
-    tags = await load_tags(session, [o.image.id for o in outcomes if o.image is not None and o.image.id is not None])
-    if len(received) == 1 and received[0].form_field == "file":
-        outcome = outcomes[0]
-        if outcome.error is not None:
-            raise outcome.error
-        assert outcome.image is not None
-        if outcome.duplicate:
-            response.status_code = status.HTTP_200_OK
-        return catalog.to_uploaded(outcome.image, duplicate=outcome.duplicate, tags=tags.get(outcome.image.id or 0))
-
-    batch = _batch(outcomes, tags)
+        partial(
+            receive_uploads,
+            request,
+            ctx,
+            fields={"file", "files"},
+            missing="send images as multipart/form-data in the field `file` or `files`",
+        ),
+    )
+    outcomes = result.outcomes
+    if len(outcomes) == 1 and outcomes[0].form_field == "file":  # one image: the answer is its record
+        item = _item(outcomes[0], result)
+        if item.image is None:
+            assert outcomes[0].error is not None
+            return domain_error_response(outcomes[0].error)
+        response.status_code = status.HTTP_200_OK if item.image.duplicate else status.HTTP_201_CREATED
+        return item.image
+    batch = _batch(outcomes, result)
     if batch.failed == len(outcomes):
         statuses = {item.error.status for item in batch.items if item.error}
         return JSONResponse(
@@ -102,23 +92,22 @@ async def upload_images(
     return batch
 
 
-def _batch(outcomes: list[IngestOutcome], tags: dict[int, list[TagScore]]) -> UploadBatch:
-    items: list[UploadItem] = []
-    for outcome in outcomes:
-        if outcome.error is not None:
-            error = UploadError(status=outcome.error.status_code, code=outcome.error.code, detail=outcome.error.detail)
-            items.append(UploadItem(filename=outcome.filename, status="failed", error=error))
-        else:
-            assert outcome.image is not None
-            items.append(
-                UploadItem(
-                    filename=outcome.filename,
-                    status="duplicate" if outcome.duplicate else "created",
-                    image=catalog.to_uploaded(
-                        outcome.image, duplicate=outcome.duplicate, tags=tags.get(outcome.image.id or 0)
-                    ),
-                )
-            )
+def _item(outcome: uploads.UploadOutcome, result: uploads.UploadResult) -> UploadItem:
+    if outcome.error is not None:
+        error = UploadError(status=http_status(outcome.error), code=outcome.error.code, detail=outcome.error.detail)
+        return UploadItem(filename=outcome.filename, status="failed", error=error)
+    assert outcome.image is not None
+    return UploadItem(
+        filename=outcome.filename,
+        status="duplicate" if outcome.duplicate else "created",
+        image=catalog.image_uploaded(
+            outcome.image, duplicate=outcome.duplicate, tags=result.tags.get(outcome.image.id or 0)
+        ),
+    )
+
+
+def _batch(outcomes: list[uploads.UploadOutcome], result: uploads.UploadResult) -> UploadBatch:
+    items = [_item(outcome, result) for outcome in outcomes]
     return UploadBatch(
         created=sum(item.status == "created" for item in items),
         duplicates=sum(item.status == "duplicate" for item in items),
@@ -130,7 +119,6 @@ def _batch(outcomes: list[IngestOutcome], tags: dict[int, list[TagScore]]) -> Up
 @router.get("", response_model=ImagesPublic, summary="List images, newest first")
 async def list_images(
     ctx: ContextDep,
-    session: SessionDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     tag: Annotated[
@@ -143,11 +131,7 @@ async def list_images(
     ] = None,
 ) -> ImagesPublic:
     """A page of image records, newest first, with the total count."""
-    tag = None if tag is None else ctx.tags.canonical(tag)
-    total, _ = await catalog.count_images(
-        session=session, model_name=ctx.settings.clip_model_name, indexed=len(ctx.vectors.index)
-    )
-    return await catalog.list_images(session=session, offset=offset, limit=limit, total=total, tag=tag)
+    return await catalog.list_images(ctx, offset=offset, limit=limit, tag=tag)
 
 
 @router.post(
@@ -166,16 +150,15 @@ async def import_folder(ctx: ContextDep, request: ImportRequest, response: Respo
     """Walks the folder (recursively by default) and ingests every image file like an upload. The path
     must resolve, symlinks followed, inside one of IMPORT_ROOTS. Unreadable or invalid files are counted
     and listed in the job's result; they do not stop the import."""
-    job = to_public(await start_import(ctx, request.path, recursive=request.recursive))
+    job = job_public(await importer.start_import(ctx, request.path, recursive=request.recursive))
     response.headers["Location"] = job.url
     return job
 
 
 @router.get("/{image_id}", response_model=ImagePublic, summary="One image's metadata", responses=_NOT_FOUND)
-async def get_image(session: SessionDep, image_id: ImageId) -> ImagePublic:
+async def get_image(ctx: ContextDep, image_id: ImageId) -> ImagePublic:
     """Metadata of one image, with its tags and caption."""
-    image = await catalog.get_image(session=session, image_id=image_id)
-    return (await catalog.publish(session, [image]))[0]
+    return await catalog.get_image(ctx, image_id)
 
 
 @router.post(
@@ -190,17 +173,11 @@ async def get_image(session: SessionDep, image_id: ImageId) -> ImagePublic:
 )
 async def caption_image(
     ctx: ContextDep,
-    session: SessionDep,
     image_id: ImageId,
     refresh: Annotated[bool, Query(description="Caption again even when a caption is stored.")] = False,
 ) -> ImagePublic:
     """Writes (or, without `refresh`, returns the stored) BLIP caption of one image; about 2 s on a CPU."""
-    await catalog.get_image(session=session, image_id=image_id)  # 404 before loading BLIP
-    await session.commit()
-    await caption_one(ctx, image_id, refresh=refresh)
-    image = await catalog.get_image(session=session, image_id=image_id)
-    await session.refresh(image)
-    return (await catalog.publish(session, [image]))[0]
+    return await captions.caption_image(ctx, image_id, refresh=refresh)
 
 
 @router.get(
@@ -209,10 +186,9 @@ async def caption_image(
     summary="The original file",
     responses={200: {"content": {"image/*": {}}}, **_NOT_FOUND},
 )
-async def get_file(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> FileResponse:
+async def get_file(ctx: ContextDep, image_id: ImageId) -> FileResponse:
     """The uploaded bytes, unchanged, with their content type."""
-    image = await catalog.get_image(session=session, image_id=image_id)
-    return _serve(ctx, image.storage_key, image.content_type, image.sha256, image.filename)
+    return _serve(await catalog.stored_file(ctx, image_id, "original"))
 
 
 @router.get(
@@ -221,22 +197,18 @@ async def get_file(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> F
     summary="A JPEG thumbnail",
     responses={200: {"content": {"image/jpeg": {}}}, **_NOT_FOUND},
 )
-async def get_thumbnail(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> FileResponse:
+async def get_thumbnail(ctx: ContextDep, image_id: ImageId) -> FileResponse:
     """A JPEG no larger than THUMBNAIL_SIZE on its longer side, EXIF orientation applied."""
-    image = await catalog.get_image(session=session, image_id=image_id)
-    return _serve(ctx, image.thumbnail_key, "image/jpeg", f"{image.sha256}-thumb", None)
+    return _serve(await catalog.stored_file(ctx, image_id, "thumbnail"))
 
 
-def _serve(ctx: ContextDep, key: str, media_type: str, etag: str, filename: str | None) -> FileResponse:
-    path = ctx.store.path(key)
-    if not path.is_file():
-        raise NotFoundError("the stored file is missing", code="file_missing")
+def _serve(found: StoredFile) -> FileResponse:
     return FileResponse(
-        path,
-        media_type=media_type,
-        filename=filename,
+        found.path,
+        media_type=found.media_type,
+        filename=found.filename,
         content_disposition_type="inline",
-        headers={"ETag": f'"{etag}"', "Cache-Control": "private, max-age=31536000, immutable"},
+        headers={"ETag": f'"{found.etag}"', "Cache-Control": "private, max-age=31536000, immutable"},
     )
 
 
@@ -247,9 +219,9 @@ def _serve(ctx: ContextDep, key: str, media_type: str, etag: str, filename: str 
     summary="Delete an image",
     responses=_NOT_FOUND,
 )
-async def delete_image(ctx: ContextDep, session: SessionDep, image_id: ImageId) -> Response:
+async def delete_image(ctx: ContextDep, image_id: ImageId) -> Response:
     """Removes the record, its vector from the index, and its files."""
-    await catalog.delete_image(ctx=ctx, session=session, image_id=image_id)
+    await catalog.delete_image(ctx, image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -261,9 +233,8 @@ async def delete_image(ctx: ContextDep, session: SessionDep, image_id: ImageId) 
 )
 async def similar_images(
     ctx: ContextDep,
-    session: SessionDep,
     image_id: ImageId,
     top_k: Annotated[int, Query(ge=1, le=200)] = 10,
 ) -> SearchResults:
     """Image -> image search from a stored image; the image itself is not in the results."""
-    return await search.search_similar(ctx=ctx, session=session, image_id=image_id, top_k=top_k)
+    return await search.search_similar(ctx, image_id, top_k=top_k)

@@ -4,12 +4,12 @@ from fastapi import APIRouter, Path, Query, Response, status
 
 from backend.deps import ContextDep
 from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, JobKind, JobPublic, JobsPublic, JobStatus
-from backend.services.jobs import to_public
+from backend.services.jobs import job_public
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=VALIDATION_ERROR_RESPONSE)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "No job with this id"}}
+_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "description": "No job with this id"}}
 
 
 @router.get("", response_model=JobsPublic, summary="Recent jobs, newest first")
@@ -22,14 +22,14 @@ async def list_jobs(
 ) -> JobsPublic:
     """Clustering, import, re-embedding and captioning jobs, with their progress and results."""
     jobs, total = await ctx.jobs.list(offset=offset, limit=limit, kind=kind, status=status)
-    return JobsPublic(data=[to_public(job) for job in jobs], count=total, offset=offset, limit=limit)
+    return JobsPublic(data=[job_public(job) for job in jobs], count=total, offset=offset, limit=limit)
 
 
 @router.get(
     "/{job_id}", response_model=JobPublic, summary="One job: status, progress, result or error", responses=_NOT_FOUND
 )
 async def get_job(ctx: ContextDep, job_id: JobId) -> JobPublic:
-    return to_public(await ctx.jobs.get(job_id))
+    return job_public(await ctx.jobs.get(job_id))
 
 
 @router.delete(
@@ -49,4 +49,4 @@ async def cancel_job(ctx: ContextDep, job_id: JobId, response: Response) -> JobP
     job = await ctx.jobs.cancel(job_id)
     if job.status == "cancelled":
         response.status_code = status.HTTP_200_OK
-    return to_public(job)
+    return job_public(job)

@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from backend.deps import ContextDep, SessionDep
+from backend.deps import ContextDep
 from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, MapPublic
 from backend.services.projection import collection_map
 
@@ -19,7 +19,6 @@ MAX_POINTS = 100_000
 )
 async def collection_map_route(
     ctx: ContextDep,
-    session: SessionDep,
     run_id: Annotated[
         int | None,
         Query(ge=1, le=2**63 - 1, description="Label points by this run's clusters; default the newest run."),
@@ -29,4 +28,4 @@ async def collection_map_route(
     ] = 20_000,
 ) -> MapPublic:
     """Every searchable image's CLIP vector projected by PCA onto two axes, with its cluster."""
-    return await collection_map(ctx, session, run_id=run_id, max_points=max_points)
+    return await collection_map(ctx, run_id=run_id, max_points=max_points)

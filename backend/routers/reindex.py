@@ -4,7 +4,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from backend.deps import ContextDep
 from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, JobPublic
-from backend.services.jobs import to_public
+from backend.services.jobs import job_public
 from backend.services.reindex import start_reindex
 
 router = APIRouter(tags=["jobs"], responses=VALIDATION_ERROR_RESPONSE)
@@ -26,6 +26,6 @@ async def reindex(
 ) -> JobPublic:
     """Images whose vector another CLIP_MODEL_NAME made (`stale_embeddings` in /health) are read again
     from their originals and embedded and tagged by the current model. Search keeps answering meanwhile."""
-    job = to_public(await start_reindex(ctx, all_images=all_images))
+    job = job_public(await start_reindex(ctx, all_images=all_images))
     response.headers["Location"] = job.url
     return job

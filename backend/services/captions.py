@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import torch
 from sqlalchemy import update
 from sqlmodel import col
 
 from backend.context import AppContext
-from backend.errors import AppError
-from backend.models import Image, Job
-from backend.services.catalog import get_images_by_ids
-from backend.services.imaging import decode_image
+from backend.errors import DomainError, NothingToDo, OriginalUnreadable
+from backend.models import Image, ImagePublic, Job
+from backend.services.catalog import get_images_by_ids, load_image, publish
 from backend.services.jobs import JobHandle
-from ml.captioner import BlipCaptioner
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], Awaitable[None]]
-
-
-def caption_input(path: Path, max_pixels: int, captioner: BlipCaptioner) -> torch.Tensor:
-    """Decode one stored original into BLIP's input; runs in the executor."""
-    return captioner.preprocess([decode_image(path, max_pixels).rgb])[0]
 
 
 async def caption_stored(
@@ -33,9 +24,9 @@ async def caption_stored(
 ) -> dict[int, str]:
     """Captions of stored images by id. Cached captions of the current BLIP model are reused unless
     `refresh`; the rest are made in batches and saved. Images that are gone or unreadable are left out."""
-    captioner = await ctx.captioner.get()
+    captioner = await ctx.blip.get()
     async with ctx.sessions() as session:
-        rows = await get_images_by_ids(session=session, ids=ids)
+        rows = await get_images_by_ids(session, ids)
     captions: dict[int, str] = {}
     todo: list[Image] = []
     for image_id in dict.fromkeys(ids):
@@ -51,21 +42,13 @@ async def caption_stored(
         await progress(len(captions), total)
     for start in range(0, len(todo), captioner.batch_size):
         batch = todo[start : start + captioner.batch_size]
-        inputs = await asyncio.gather(
-            *(
-                ctx.executor.run(
-                    caption_input, ctx.store.path(row.storage_key), ctx.settings.max_image_pixels, captioner
-                )
-                for row in batch
-            ),
-            return_exceptions=True,
-        )
-        readable = [
-            (row, pixels) for row, pixels in zip(batch, inputs, strict=True) if isinstance(pixels, torch.Tensor)
-        ]
-        for row, pixels in zip(batch, inputs, strict=True):
-            if not isinstance(pixels, torch.Tensor):
-                log.warning("image %s could not be read for captioning: %s", row.id, pixels)
+        inputs = await ctx.pipeline.prepare([ctx.store.path(row.storage_key) for row in batch], captioner.preprocess)
+        readable: list[tuple[Image, torch.Tensor]] = []
+        for row, prepared in zip(batch, inputs, strict=True):
+            if isinstance(prepared, DomainError):
+                log.warning("image %s could not be read for captioning: %s", row.id, prepared.detail)
+            else:
+                readable.append((row, prepared.pixels))
         if readable:
             texts = await ctx.executor.run(captioner.caption_pixels, torch.stack([pixels for _, pixels in readable]))
             async with ctx.sessions() as session:
@@ -84,18 +67,19 @@ async def caption_stored(
     return captions
 
 
-async def caption_one(ctx: AppContext, image_id: int, *, refresh: bool = False) -> None:
-    """Caption one stored image (or keep its cached caption); 409 when its original cannot be read."""
-    if image_id in await caption_stored(ctx, [image_id], refresh=refresh):
-        return
+async def caption_image(ctx: AppContext, image_id: int, *, refresh: bool = False) -> ImagePublic:
+    """Caption one stored image (or keep its cached caption) and return its record; ImageNotFound before BLIP
+    loads, OriginalUnreadable when its original cannot be read."""
     async with ctx.sessions() as session:
-        if await session.get(Image, image_id) is None:
-            return  # deleted meanwhile: the caller's lookup answers 404
-    raise AppError(
-        f"the original file of image {image_id} is missing or cannot be decoded, so it cannot be captioned",
-        code="original_unreadable",
-        status_code=409,
-    )
+        await load_image(session, image_id)
+    if image_id not in await caption_stored(ctx, [image_id], refresh=refresh):
+        async with ctx.sessions() as session:
+            await load_image(session, image_id)  # deleted meanwhile: not found
+        raise OriginalUnreadable(
+            f"the original file of image {image_id} is missing or cannot be decoded, so it cannot be captioned"
+        )
+    async with ctx.sessions() as session:
+        return (await publish(session, [await load_image(session, image_id)]))[0]
 
 
 async def start_caption_job(ctx: AppContext, ids: list[int], *, refresh: bool = False) -> Job:
@@ -110,5 +94,5 @@ async def start_caption_job(ctx: AppContext, ids: list[int], *, refresh: bool = 
         return {"captioned": len(captions), "requested": len(ids)}
 
     if not ids:
-        raise AppError("no images to caption", code="nothing_to_do", status_code=422)
+        raise NothingToDo("no images to caption")
     return await ctx.jobs.submit("caption", {"image_ids": ids[:1000], "count": len(ids), "refresh": refresh}, run)

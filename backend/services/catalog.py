@@ -1,6 +1,15 @@
-"""Reading and deleting stored images."""
+"""Reading and deleting stored images, and the records the API answers with.
+
+The service functions (`list_images`, `list_tags`, `get_image`, `stored_file`, `delete_image`) take the
+collection and open their own sessions. The helpers that take a `session` run inside the caller's
+transaction; other services build on them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from sqlalchemy import func
@@ -8,16 +17,28 @@ from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
-from backend.errors import NotFoundError
-from backend.models import Image, ImagePublic, ImagesPublic, ImageTag, ImageUploaded, TagScore
-from backend.services.tagging import load_tags
+from backend.errors import ImageNotFound, StoredFileMissing
+from backend.models import Image, ImagePublic, ImagesPublic, ImageTag, ImageUploaded, TagScore, TagsPublic
+from backend.services.tagging import load_tags, tag_counts
 
 
-def to_public(image: Image, tags: list[TagScore] | None = None) -> ImagePublic:
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of an image on disk, with what a download of it needs."""
+
+    path: Path
+    media_type: str
+    etag: str
+    filename: str | None  # the name to save it as; None for a thumbnail
+
+
+def image_public(image: Image, tags: list[TagScore] | None = None) -> ImagePublic:
+    """An image row as the API shows it: metadata, URLs, tags."""
     return ImagePublic.model_validate(image, update={**_urls(image), "tags": tags or []})
 
 
-def to_uploaded(image: Image, *, duplicate: bool, tags: list[TagScore] | None = None) -> ImageUploaded:
+def image_uploaded(image: Image, *, duplicate: bool, tags: list[TagScore] | None = None) -> ImageUploaded:
+    """An image row as an upload answers it: the public record and whether the bytes were stored already."""
     return ImageUploaded.model_validate(image, update={**_urls(image), "tags": tags or [], "duplicate": duplicate})
 
 
@@ -28,42 +49,24 @@ def _urls(image: Image) -> dict[str, str]:
 async def publish(session: AsyncSession, images: list[Image]) -> list[ImagePublic]:
     """Public records with their tags, loaded in one query."""
     tags = await load_tags(session, [image.id for image in images if image.id is not None])
-    return [to_public(image, tags.get(image.id or 0)) for image in images]
+    return [image_public(image, tags.get(image.id or 0)) for image in images]
 
 
-async def list_images(
-    *, session: AsyncSession, offset: int, limit: int, total: int, tag: str | None = None
-) -> ImagesPublic:
-    """A page, newest first; `total` (from count_images) is the count when no tag narrows the list."""
-    query = select(Image)
-    count = total
-    if tag is not None:
-        tagged = select(ImageTag.image_id).where(ImageTag.tag == tag)
-        query = query.where(col(Image.id).in_(tagged))
-        count = (await session.exec(select(func.count()).select_from(Image).where(col(Image.id).in_(tagged)))).one()
-    rows = (
-        await session.exec(
-            query.order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
-        )
-    ).all()
-    return ImagesPublic(data=await publish(session, list(rows)), count=count, offset=offset, limit=limit)
-
-
-async def get_image(*, session: AsyncSession, image_id: int) -> Image:
+async def load_image(session: AsyncSession, image_id: int) -> Image:
     image = await session.get(Image, image_id)
     if image is None:
-        raise NotFoundError(f"image {image_id} not found", code="image_not_found")
+        raise ImageNotFound(f"image {image_id} not found")
     return image
 
 
-async def get_images_by_ids(*, session: AsyncSession, ids: list[int]) -> dict[int, Image]:
+async def get_images_by_ids(session: AsyncSession, ids: list[int]) -> dict[int, Image]:
     if not ids:
         return {}
     rows = (await session.exec(select(Image).where(col(Image.id).in_(ids)))).all()
     return {row.id: row for row in rows if row.id is not None}
 
 
-async def count_images(*, session: AsyncSession, model_name: str, indexed: int) -> tuple[int, int]:
+async def count_images(session: AsyncSession, *, model_name: str, indexed: int) -> tuple[int, int]:
     """(all images, images whose vector another model made). The current model's images are exactly the
     index's `indexed` entries (kept in step with SQLite), so only the others are counted: two range
     searches of the model index, whose cost grows with the stale images, not with the collection."""
@@ -72,15 +75,58 @@ async def count_images(*, session: AsyncSession, model_name: str, indexed: int) 
     return indexed + stale, stale
 
 
-async def delete_image(*, ctx: AppContext, session: AsyncSession, image_id: int) -> None:
+async def list_images(ctx: AppContext, *, offset: int, limit: int, tag: str | None = None) -> ImagesPublic:
+    """A page, newest first, with the count of all images (or of those carrying `tag`, in any letter case)."""
+    async with ctx.sessions() as session:
+        query = select(Image)
+        if tag is None:
+            count, _ = await count_images(session, model_name=ctx.settings.clip_model_name, indexed=ctx.index.count)
+        else:
+            tagged = select(ImageTag.image_id).where(ImageTag.tag == ctx.tags.canonical(tag))
+            query = query.where(col(Image.id).in_(tagged))
+            count = (await session.exec(select(func.count()).select_from(Image).where(col(Image.id).in_(tagged)))).one()
+        rows = (
+            await session.exec(
+                query.order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
+            )
+        ).all()
+        return ImagesPublic(data=await publish(session, list(rows)), count=count, offset=offset, limit=limit)
+
+
+async def list_tags(ctx: AppContext) -> TagsPublic:
+    """The tag vocabulary with how many images carry each tag, most used first."""
+    async with ctx.sessions() as session:
+        return await tag_counts(session, ctx.tags.names)
+
+
+async def get_image(ctx: AppContext, image_id: int) -> ImagePublic:
+    """One image's record, with its tags and caption."""
+    async with ctx.sessions() as session:
+        return (await publish(session, [await load_image(session, image_id)]))[0]
+
+
+async def stored_file(ctx: AppContext, image_id: int, which: Literal["original", "thumbnail"]) -> StoredFile:
+    """The original as uploaded, or its JPEG thumbnail; StoredFileMissing when it is not on disk."""
+    async with ctx.sessions() as session:
+        image = await load_image(session, image_id)
+    if which == "original":
+        found = StoredFile(ctx.store.path(image.storage_key), image.content_type, image.sha256, image.filename)
+    else:
+        found = StoredFile(ctx.store.path(image.thumbnail_key), "image/jpeg", f"{image.sha256}-thumb", None)
+    if not found.path.is_file():
+        raise StoredFileMissing("the stored file is missing")
+    return found
+
+
+async def delete_image(ctx: AppContext, image_id: int) -> None:
     """Remove the row, then the vector, then the files: a crash in between leaves only unreferenced files.
 
     Its tags and cluster memberships go with the row (ON DELETE CASCADE).
     """
-    async with ctx.write_lock:
-        image = await get_image(session=session, image_id=image_id)
+    async with ctx.write_lock, ctx.sessions() as session:
+        image = await load_image(session, image_id)
         keys = (image.storage_key, image.thumbnail_key)
         await session.delete(image)
         await session.commit()
-        await ctx.vectors.remove(np.array([image_id], dtype=np.int64))
+        await ctx.index.remove(np.array([image_id], dtype=np.int64))
         await ctx.executor.run(ctx.store.delete, *keys)

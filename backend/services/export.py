@@ -1,14 +1,17 @@
-"""The organized collection as a zip: one folder per cluster, named from its caption, holding the originals.
+"""A clustering run exported: one folder per cluster, named from its caption, holding the originals.
 
-The archive is written as it is sent (ZIP_STORED: photos are compressed already), one piece of a file
-at a time through the executor, so memory stays flat whatever the collection's size.
+As a zip (`zip_run`), the archive is written as it is sent (ZIP_STORED: photos are compressed already), one
+piece of a file at a time through the executor, so memory stays flat whatever the collection's size. Into
+a folder on disk (`export_to_folder`, the command line's `export`), the same layout as plain files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shutil
 import unicodedata
 import zipfile
 from collections.abc import AsyncIterator
@@ -17,7 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from backend.context import AppContext
+from backend.errors import InvalidInput
 from backend.executor import Executor
+from backend.services.runs import MemberFile, member_files
 
 CHUNK = 1024 * 1024
 MAX_FOLDER_NAME = 80
@@ -29,6 +35,26 @@ class ExportEntry:
     name: str
     path: Path
     modified: datetime
+
+
+def export_entries(members: list[MemberFile]) -> list[ExportEntry]:
+    """Where each member goes: its cluster's folder, under its uploaded name made unique in that folder."""
+    taken: dict[int, set[str]] = {}
+    return [
+        ExportEntry(
+            folder=folder_name(member.cluster_id + 1, member.caption),
+            name=unique_name(member.filename, taken.setdefault(member.cluster_id, set())),
+            path=member.path,
+            modified=member.modified,
+        )
+        for member in members
+    ]
+
+
+async def zip_run(ctx: AppContext, run_id: int) -> AsyncIterator[bytes]:
+    """The run's zip, as an iterator of pieces to send; RunNotFound before anything is written."""
+    entries = export_entries(await member_files(ctx, run_id))
+    return stream_zip(entries, ctx.executor)
 
 
 def folder_name(position: int, caption: str | None) -> str:
@@ -140,3 +166,36 @@ async def stream_zip(entries: list[ExportEntry], executor: Executor) -> AsyncIte
         yield await executor.run(writer.finish)
     finally:
         writer.abandon()
+
+
+def _copy_into(target: Path, entries: list[ExportEntry]) -> tuple[int, int]:
+    """Copy each entry to target/folder/name, keeping its time; (files written, files gone meanwhile)."""
+    written = missing = 0
+    for entry in entries:
+        destination = target / entry.folder / entry.name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(entry.path, destination)
+        except FileNotFoundError:  # deleted after the listing was taken: left out, as in the zip
+            missing += 1
+            continue
+        stamp = entry.modified.timestamp()
+        os.utime(destination, (stamp, stamp))
+        written += 1
+    return written, missing
+
+
+async def export_to_folder(ctx: AppContext, run_id: int, target: Path) -> tuple[int, int]:
+    """Write the run's folders into `target` (which must be empty or not exist yet); (files written, files
+    that were deleted meanwhile). Nothing of the collection is changed."""
+    entries = export_entries(await member_files(ctx, run_id))
+
+    def prepare() -> None:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InvalidInput(
+                f"{target} is not an empty folder: export into a new or empty one", code="target_not_empty"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+
+    await ctx.executor.run(prepare)
+    return await ctx.executor.run(_copy_into, target, entries)

@@ -12,12 +12,19 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from backend.context import AppContext
-from backend.errors import AppError, ModelUnavailableError
+from backend.errors import (
+    DomainError,
+    ImportPathNotFound,
+    ImportPathRefused,
+    InvalidImportPath,
+    ModelUnavailableError,
+    UnreadableFile,
+)
 from backend.models import Job
 from backend.services.captions import caption_stored
-from backend.services.ingest import IncomingFile, ingest_files
 from backend.services.jobs import JobHandle
-from backend.services.storage import FileStore, StagedFile
+from backend.services.storage import FileStore, IncomingFile, StagedFile
+from backend.services.uploads import ingest_files
 
 # Files with these extensions are read; others are counted as skipped.
 IMAGE_EXTENSIONS = frozenset(
@@ -29,32 +36,27 @@ MAX_LISTED_FAILURES = 1000
 READ_CHUNK = 1024 * 1024
 
 
-class ImportPathError(AppError):
-    status_code = 403
-    code = "import_path_refused"
-
-
 def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
 def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Path:
-    """The resolved folder to import, or a 4xx that says why it is refused."""
+    """The resolved folder to import, or an error that says why it is refused."""
     if not roots:
-        raise ImportPathError(
+        raise ImportPathRefused(
             "folder import is disabled: set IMPORT_ROOTS to the folders it may read", code="import_disabled"
         )
     if "\x00" in raw:
-        raise ImportPathError("the path contains a NUL character", code="invalid_path", status_code=400)
+        raise InvalidImportPath("the path contains a NUL character")
     if ".." in PurePath(raw).parts:
-        raise ImportPathError("the path must not contain '..' components", code="path_traversal", status_code=400)
+        raise InvalidImportPath("the path must not contain '..' components", code="path_traversal")
     try:
         given = Path(raw).expanduser()
     except RuntimeError as exc:  # `~name` for a user this machine does not know
-        raise ImportPathError(f"{raw}: unknown user in `~`", code="invalid_path", status_code=400) from exc
+        raise InvalidImportPath(f"{raw}: unknown user in `~`") from exc
     if not given.is_absolute():
-        raise ImportPathError("the path must be absolute", code="invalid_path", status_code=400)
-    outside = ImportPathError(
+        raise InvalidImportPath("the path must be absolute")
+    outside = ImportPathRefused(
         f"{raw} is outside the import roots ({', '.join(map(str, roots))})", code="path_outside_roots"
     )
     # Where the path leads is checked before whether it exists, so the answers say nothing about what
@@ -64,20 +66,18 @@ def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Pat
     except (OSError, RuntimeError) as exc:  # a symlink loop
         if not _inside(given, roots):
             raise outside from exc
-        raise ImportPathError(f"the folder {raw} cannot be read", code="path_not_found", status_code=404) from exc
+        raise ImportPathNotFound(f"the folder {raw} cannot be read") from exc
     if not _inside(resolved, roots):
         raise outside
     if resolved.is_relative_to(storage_root):
         # A folder that merely contains STORAGE_ROOT is fine: the walk skips the storage subtree.
-        raise ImportPathError("the service's own storage folder cannot be imported", code="path_is_storage")
+        raise ImportPathRefused("the service's own storage folder cannot be imported", code="path_is_storage")
     try:
         is_dir = stat.S_ISDIR(resolved.stat().st_mode)
     except OSError as exc:  # missing, or a parent folder that cannot be entered
-        raise ImportPathError(
-            f"the folder {raw} does not exist or cannot be read", code="path_not_found", status_code=404
-        ) from exc
+        raise ImportPathNotFound(f"the folder {raw} does not exist or cannot be read") from exc
     if not is_dir:
-        raise ImportPathError(f"{raw} is not a folder", code="not_a_directory", status_code=400)
+        raise InvalidImportPath(f"{raw} is not a folder", code="not_a_directory")
     return resolved
 
 
@@ -137,10 +137,10 @@ def stage_file(store: FileStore, path: Path, max_bytes: int) -> StagedFile:
 async def _stage(ctx: AppContext, path: Path) -> IncomingFile:
     try:
         staged = await ctx.executor.run(stage_file, ctx.store, path, ctx.settings.max_upload_bytes)
-    except AppError as exc:
+    except DomainError as exc:
         return IncomingFile(filename=path.name, error=exc)
     except OSError as exc:
-        return IncomingFile(filename=path.name, error=AppError(f"could not read: {exc.strerror}", code="unreadable"))
+        return IncomingFile(filename=path.name, error=UnreadableFile(f"could not read: {exc.strerror}"))
     return IncomingFile(filename=path.name, staged=staged)
 
 
@@ -149,7 +149,7 @@ async def start_import(ctx: AppContext, raw_path: str, *, recursive: bool) -> Jo
     folder = await ctx.executor.run(
         check_import_path, raw_path, roots=settings.import_roots, storage_root=settings.storage_root
     )
-    await ctx.models.get()  # 503 now rather than a failed job when CLIP is unavailable
+    await ctx.clip.get()  # unavailable now rather than a failed job when CLIP cannot load
 
     async def run(handle: JobHandle) -> dict[str, Any]:
         return await _run(ctx, handle, folder, recursive)
@@ -184,8 +184,7 @@ async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool
             for path in batch:
                 handle.checkpoint()  # a cancel stops before the next copy; staged files are removed below
                 incoming.append(await _stage(ctx, path))
-            async with ctx.sessions() as session:
-                outcomes = await ingest_files(ctx=ctx, session=session, files=incoming)
+            outcomes = await ingest_files(ctx, incoming)
         finally:
             for item in incoming:
                 if item.staged is not None:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from backend.errors import AppError, NotFoundError
+from backend.errors import DomainError, JobFinished, JobNotFound, ShuttingDown
 from backend.models import Job, JobProgress, JobPublic, utcnow
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class JobService:
 
     async def submit(self, kind: str, params: dict[str, Any], func: JobFunc) -> Job:
         if self._closing:
-            raise AppError("the service is shutting down", code="shutting_down", status_code=503)
+            raise ShuttingDown("the service is shutting down")
         job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
         await self._save(job)
         self._live[job.id] = job
@@ -132,7 +132,7 @@ class JobService:
                 status = "cancelled"
             else:
                 status, error = "failed", RESTART_ERROR
-        except AppError as exc:
+        except DomainError as exc:
             status, error = "failed", exc.detail
         except Exception as exc:
             log.exception("job %s (%s) failed", job.id, job.kind)
@@ -168,7 +168,7 @@ class JobService:
         async with self._sessions() as session:
             job = await session.get(Job, job_id)
         if job is None:
-            raise NotFoundError(f"job {job_id} not found", code="job_not_found")
+            raise JobNotFound(f"job {job_id} not found")
         return job
 
     async def list(
@@ -193,7 +193,7 @@ class JobService:
         live = self._live.get(job_id)
         if live is None or live.status in FINISHED:
             job = live or await self.get(job_id)
-            raise AppError(f"job {job_id} has finished already ({job.status})", code="job_finished", status_code=409)
+            raise JobFinished(f"job {job_id} has finished already ({job.status})")
         live.cancel_requested = True
         task = self._tasks.get(job_id)
         if live.status == "queued" and task is not None:
@@ -234,7 +234,8 @@ class JobService:
                 await task
 
 
-def to_public(job: Job) -> JobPublic:
+def job_public(job: Job) -> JobPublic:
+    """A job as the API shows it."""
     return JobPublic(
         id=job.id,
         kind=job.kind,  # type: ignore[arg-type]

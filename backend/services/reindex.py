@@ -6,7 +6,6 @@ current model's index on its own, so search keeps answering throughout and sees 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -14,19 +13,20 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from backend.context import AppContext
-from backend.errors import AppError
+from backend.errors import DomainError
 from backend.models import Image, Job
 from backend.services.catalog import get_images_by_ids
-from backend.services.ingest import PreparedImage, embed_prepared, prepare_image
+from backend.services.index import vector_to_blob
 from backend.services.jobs import JobHandle
+from backend.services.pipeline import PreparedImage
 from backend.services.tagging import replace_tags
-from backend.services.vectors import vector_to_blob
 
 MAX_LISTED_FAILURES = 1000
 
 
-async def start_reindex(ctx: AppContext, *, all_images: bool) -> Job:
-    embedder = await ctx.models.get()  # 503 now when the current model cannot load
+async def start_reindex(ctx: AppContext, *, all_images: bool = False) -> Job:
+    """Queue re-embedding of the images another model embedded (all of them with `all_images`)."""
+    embedder = await ctx.clip.get()  # unavailable now when the current model cannot load
 
     async def run(handle: JobHandle) -> dict[str, Any]:
         return await _run(ctx, handle, all_images)
@@ -35,7 +35,7 @@ async def start_reindex(ctx: AppContext, *, all_images: bool) -> Job:
 
 
 async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str, Any]:
-    embedder = await ctx.models.get()
+    embedder = await ctx.clip.get()
     query = select(Image.id).order_by(col(Image.id))
     if not all_images:
         query = query.where(Image.embedding_model != embedder.model_name)
@@ -47,30 +47,18 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
     for start in range(0, len(ids), ctx.settings.embed_batch_size):
         batch = ids[start : start + ctx.settings.embed_batch_size]
         async with ctx.sessions() as session:
-            rows = await get_images_by_ids(session=session, ids=batch)
+            rows = await get_images_by_ids(session, batch)
         images = [rows[i] for i in batch if i in rows]  # deleted meanwhile: nothing to do
-        prepared = await asyncio.gather(
-            *(
-                ctx.executor.run(
-                    prepare_image,
-                    ctx.store.path(image.storage_key),
-                    max_pixels=ctx.settings.max_image_pixels,
-                    thumbnail_size=None,
-                    embedder=embedder,
-                )
-                for image in images
-            ),
-            return_exceptions=True,
+        prepared = await ctx.pipeline.prepare(
+            [ctx.store.path(image.storage_key) for image in images], embedder.preprocess
         )
         readable: list[tuple[Image, PreparedImage]] = []
         for image, outcome in zip(images, prepared, strict=True):
-            if isinstance(outcome, PreparedImage):
-                readable.append((image, outcome))
+            if isinstance(outcome, DomainError):
+                failures.append({"image_id": image.id, "detail": outcome.detail})
             else:
-                detail = outcome.detail if isinstance(outcome, AppError) else f"{type(outcome).__name__}: {outcome}"
-                failures.append({"image_id": image.id, "detail": detail})
-        async with ctx.bulk_forward:
-            vectors = await ctx.executor.run(embed_prepared, embedder, [p.pixels for _, p in readable])
+                readable.append((image, outcome))
+        vectors = await ctx.pipeline.embed(embedder, [p for _, p in readable])
         tags = await ctx.tags.tag(embedder, vectors)
         updated: list[int] = []
         async with ctx.write_lock, ctx.sessions() as session:
@@ -90,7 +78,7 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
                     updated.append(row)
             await session.commit()
             if updated:
-                await ctx.vectors.add(
+                await ctx.index.add(
                     np.array([readable[row][0].id for row in updated], dtype=np.int64), vectors[updated]
                 )
         done += len(updated)

@@ -1,53 +1,66 @@
-"""Text -> image and image -> image search over the FAISS index, answered with database records."""
+"""Text -> image and image -> image search over the collection's index, answered with its records."""
 
 from __future__ import annotations
 
 import numpy as np
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
-from backend.errors import AppError
+from backend.errors import DomainError, StaleEmbedding
 from backend.models import SearchHit, SearchResults
-from backend.services.catalog import get_image, get_images_by_ids, to_public
+from backend.services.catalog import get_images_by_ids, image_public, load_image
+from backend.services.index import blob_to_vector
+from backend.services.storage import Receive
 from backend.services.tagging import load_tags
-from backend.services.vectors import blob_to_vector
 
 
-async def search_text(*, ctx: AppContext, session: AsyncSession, query: str, top_k: int) -> SearchResults:
-    embedder = await ctx.models.get()
+async def search_text(ctx: AppContext, query: str, *, top_k: int) -> SearchResults:
+    """The images whose CLIP vectors lie closest to the sentence's, best first."""
+    embedder = await ctx.clip.get()
     vectors = await ctx.executor.run_query(embedder.embed_texts, [query])
-    hits = await _hits(ctx, session, vectors[0], top_k)
+    hits = await _hits(ctx, vectors[0], top_k)
     return SearchResults(query=query, count=len(hits), results=hits)
 
 
-async def search_similar(*, ctx: AppContext, session: AsyncSession, image_id: int, top_k: int) -> SearchResults:
+async def search_similar(ctx: AppContext, image_id: int, *, top_k: int) -> SearchResults:
     """Neighbours of a stored image's own vector; the image itself is left out."""
-    image = await get_image(session=session, image_id=image_id)
+    async with ctx.sessions() as session:
+        image = await load_image(session, image_id)
     if image.embedding_model != ctx.settings.clip_model_name:
-        raise AppError(
+        raise StaleEmbedding(
             f"image {image_id} was embedded by {image.embedding_model!r}, not by the current model "
-            f"{ctx.settings.clip_model_name!r}",
-            code="stale_embedding",
-            status_code=409,
+            f"{ctx.settings.clip_model_name!r}"
         )
-    hits = await _hits(ctx, session, blob_to_vector(image.embedding), top_k + 1)
+    hits = await _hits(ctx, blob_to_vector(image.embedding), top_k + 1)
     hits = [hit for hit in hits if hit.image.id != image_id][:top_k]
     return SearchResults(image_id=image_id, count=len(hits), results=hits)
 
 
-async def search_by_vector(*, ctx: AppContext, session: AsyncSession, vector: np.ndarray, top_k: int) -> SearchResults:
-    hits = await _hits(ctx, session, vector, top_k)
+async def search_by_upload(ctx: AppContext, receive: Receive, *, top_k: int) -> SearchResults:
+    """Images that look like a query image received with the request; it is embedded, then discarded.
+    The CLIP model is checked before the body is read."""
+    embedder = await ctx.clip.get()
+    async with receive() as received:
+        query = received[0]
+        if query.error is not None:
+            raise query.error
+        assert query.staged is not None
+        (prepared,) = await ctx.pipeline.prepare([query.staged.path], embedder.preprocess, query=True)
+        if isinstance(prepared, DomainError):
+            raise prepared
+        vector = (await ctx.pipeline.embed(embedder, [prepared], query=True))[0]
+    hits = await _hits(ctx, vector, top_k)
     return SearchResults(count=len(hits), results=hits)
 
 
-async def _hits(ctx: AppContext, session: AsyncSession, vector: np.ndarray, top_k: int) -> list[SearchHit]:
-    ranked = (await ctx.vectors.search(vector[np.newaxis, :], top_k))[0]
+async def _hits(ctx: AppContext, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+    ranked = (await ctx.index.search(vector[np.newaxis, :], top_k))[0]
     ids = [image_id for image_id, _ in ranked]
-    records = await get_images_by_ids(session=session, ids=ids)
-    tags = await load_tags(session, ids)
+    async with ctx.sessions() as session:
+        records = await get_images_by_ids(session, ids)
+        tags = await load_tags(session, ids)
     # An id deleted between the index lookup and the row fetch is simply left out.
     return [
-        SearchHit(image=to_public(records[image_id], tags.get(image_id)), score=score)
+        SearchHit(image=image_public(records[image_id], tags.get(image_id)), score=score)
         for image_id, score in ranked
         if image_id in records
     ]

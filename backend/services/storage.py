@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from backend.errors import EmptyFileError, FileTooLargeError
+from backend.errors import DomainError, EmptyFileError, FileTooLargeError
 from ml.index import fsync_dir
 
 
@@ -23,6 +25,23 @@ class StagedFile:
     path: Path
     sha256: str
     size: int
+
+
+@dataclass
+class IncomingFile:
+    """A file handed to the service (an upload part, a file of an imported folder): staged in tmp/ already,
+    or refused while it was received."""
+
+    filename: str
+    staged: StagedFile | None = None
+    error: DomainError | None = None
+    # The multipart field an upload came in (empty for files of a folder).
+    form_field: str = ""
+
+
+# Receives a request's files: staged on entering, whatever is still in tmp/ removed on leaving. Services that
+# take one check their preconditions (a model, say) before they enter it, so nothing is read in vain.
+Receive = Callable[[], AbstractAsyncContextManager[list[IncomingFile]]]
 
 
 class StagingWriter:

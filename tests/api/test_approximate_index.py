@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import AppRunner
+from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes
 
 # Tiny thresholds so a handful of uploads crosses them; probing every list keeps the ranking exact.
@@ -35,7 +35,7 @@ async def test_crossing_the_threshold_switches_to_an_approximate_index_with_the_
         assert (await exact.get("/health")).json()["index"]["approximate"] is False
     async with run_app(**APPROXIMATE) as client:
         # The stored exact index is over the threshold: it is rebuilt in the background at startup.
-        await client.ctx.vectors.wait_for_relayout()  # type: ignore[attr-defined]
+        await app_context(client).index.wait_for_relayout()
         index = (await client.get("/health")).json()["index"]
         assert index["approximate"] is True and index["size"] == 12 and "IVF" in index["type"]
         assert await ranking(client, ids[3]) == expected
@@ -53,7 +53,7 @@ async def test_uploads_past_the_threshold_switch_the_layout_while_the_service_ru
         first = await upload(client, range(500, 505))
         assert (await client.get("/health")).json()["index"]["approximate"] is False
         second = await upload(client, range(505, 510))
-        await client.ctx.vectors.wait_for_relayout()  # type: ignore[attr-defined]
+        await app_context(client).index.wait_for_relayout()
         health = (await client.get("/health")).json()
         assert health["index"]["approximate"] is True
         assert health["images"] == health["index"]["size"] == 10
@@ -62,6 +62,6 @@ async def test_uploads_past_the_threshold_switch_the_layout_while_the_service_ru
         # Deleting down below half the threshold goes back to exact search.
         for image_id in first + second[:3]:
             assert (await client.delete(f"/images/{image_id}")).status_code == 204
-        await client.ctx.vectors.wait_for_relayout()  # type: ignore[attr-defined]
+        await app_context(client).index.wait_for_relayout()
         index = (await client.get("/health")).json()["index"]
         assert index["approximate"] is False and index["size"] == 2

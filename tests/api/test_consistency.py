@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-import backend.services.ingest as ingest
+import backend.services.pipeline as pipeline
 from backend.config import Settings
 from backend.services.storage import FileStore
 from tests.conftest import AppRunner
@@ -21,14 +21,14 @@ async def test_upload_racing_a_delete_never_reports_a_deleted_image(
     old = make_image_bytes(1)
     first = (await client.post("/images", files={"file": ("old.jpg", old, "image/jpeg")})).json()
     entered, release = threading.Event(), threading.Event()
-    real_prepare = ingest.prepare_image
+    real_prepare = pipeline.prepare_image
 
     def slow_prepare(path, **kwargs):  # type: ignore[no-untyped-def]
         entered.set()
         release.wait(10)
         return real_prepare(path, **kwargs)
 
-    monkeypatch.setattr(ingest, "prepare_image", slow_prepare)
+    monkeypatch.setattr(pipeline, "prepare_image", slow_prepare)
     files = [("files", ("old.jpg", old, "image/jpeg")), ("files", ("new.jpg", make_image_bytes(2), "image/jpeg"))]
     upload = asyncio.create_task(client.post("/images", files=files))
     await asyncio.to_thread(entered.wait, 10)

@@ -45,7 +45,7 @@ import pytest
 from PIL import Image
 
 from backend.config import Settings
-from backend.services.ingest import MAX_FILENAME_LENGTH
+from backend.services.uploads import MAX_FILENAME_LENGTH
 from tests.api.test_multipart import HEADERS, body, part
 from tests.conftest import AppRunner
 from tests.helpers import make_image_bytes, stored_files

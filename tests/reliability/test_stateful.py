@@ -263,7 +263,7 @@ class StoresAgree(RuleBasedStateMachine):
         async with ctx.sessions() as session:
             rows = (await session.exec(select(Image))).all()
         in_db = {row.id for row in rows}
-        in_index = {int(i) for i in ctx.vectors.index.ids()}
+        in_index = {int(i) for i in await ctx.index.ids()}
         listed: list[int] = []
         offset = 0
         while True:  # small pages, so paging itself is exercised

@@ -12,8 +12,8 @@ from PIL import Image
 
 from backend.errors import EmptyFileError, FileTooLargeError, ImageTooLargeError, InvalidImageError
 from backend.services.imaging import DECODE_MIN_SIDE, decode_image, make_thumbnail, to_rgb
-from backend.services.ingest import clean_filename
 from backend.services.storage import FileStore
+from backend.services.uploads import clean_filename
 from tests.helpers import make_image_bytes
 
 

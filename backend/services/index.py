@@ -1,6 +1,9 @@
-"""Keeps the FAISS index in step with SQLite: load or rebuild at startup, apply changes, save in the background.
+"""The vector index of one collection, behind the operations its callers need.
 
-SQLite is the source of truth; the index file is a cache of it that can always be rebuilt.
+`IndexService` keeps the FAISS index (`ml.index.VectorIndex`, private to it) in step with SQLite: load or
+rebuild at startup, apply changes, save in the background, switch layouts as the collection grows. SQLite is
+the source of truth; the index file is a cache of it that can always be rebuilt. Callers search, add,
+remove, count, list ids, take snapshots and samples, and read its status; none of them touches FAISS.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
-from backend.models import Image
+from backend.models import Image, IndexHealth
 from ml.index import IndexLayout, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,16 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
+def index_file(index_dir: Path, model_name: str) -> Path:
+    """One file per model, so vectors of two models never meet in one index."""
+    tag = hashlib.sha1(model_name.encode()).hexdigest()[:12]
+    return index_dir / f"faiss-{tag}.index"
+
+
 class IndexService:
+    """Search and changes run in the executor (searches in the query lane); changes are serialised by the
+    index's own lock, searches run concurrently."""
+
     def __init__(
         self,
         *,
@@ -45,12 +57,10 @@ class IndexService:
         save_interval: float,
         layout: IndexLayout | None = None,
     ) -> None:
-        # One file per model, so vectors of two models never meet in one index.
-        tag = hashlib.sha1(model_name.encode()).hexdigest()[:12]
-        self.path = index_dir / f"faiss-{tag}.index"
+        self.path = index_file(index_dir, model_name)
         self.model_name = model_name
         self.layout = layout or IndexLayout()
-        self.index = VectorIndex(layout=self.layout)
+        self._index = VectorIndex(layout=self.layout)
         self._executor = executor
         self._save_interval = save_interval
         self._dirty = False
@@ -81,7 +91,7 @@ class IndexService:
                 loaded = await reading
                 file_ids = np.sort(loaded.ids())
                 if np.array_equal(file_ids, db_ids):
-                    self.index = loaded
+                    self._index = loaded
                     log.info("loaded index %s with %d vectors (%s)", self.path.name, len(loaded), loaded.kind)
                     self._maybe_relayout()
                     return
@@ -118,21 +128,47 @@ class IndexService:
                 last_id = int(rows[-1][0])
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         all_vectors = np.concatenate(vectors) if vectors else np.empty((0, 0), dtype=np.float32)
-        await self._executor.run(self.index.reset, all_ids, all_vectors)
+        await self._executor.run(self._index.reset, all_ids, all_vectors)
         self._dirty = True
         await self.save()
-        log.info("rebuilt index %s with %d vectors (%s)", self.path.name, len(all_ids), self.index.kind)
+        log.info("rebuilt index %s with %d vectors (%s)", self.path.name, len(all_ids), self._index.kind)
 
     async def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        await self._executor.run(self.index.add, ids, vectors)
+        await self._executor.run(self._index.add, ids, vectors)
         await self._changed()
 
     async def remove(self, ids: np.ndarray) -> None:
-        await self._executor.run(self.index.remove, ids)
+        await self._executor.run(self._index.remove, ids)
         await self._changed()
 
     async def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        return await self._executor.run_query(self.index.search, queries, k)
+        """Per query, up to k (id, cosine) pairs, best first."""
+        return await self._executor.run_query(self._index.search, queries, k)
+
+    @property
+    def count(self) -> int:
+        """Vectors in the index: exactly the current model's images."""
+        return len(self._index)
+
+    async def ids(self) -> np.ndarray:
+        return await self._executor.run(self._index.ids)
+
+    async def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) pair at this moment, as (n,) int64 and (n, dim) float32 arrays."""
+        return await self._executor.run(self._index.snapshot)
+
+    async def sample(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """At most `size` (id, vector) pairs: all of them, or a seeded sample in index order."""
+        return await self._executor.run(self._index.sample, size, seed)
+
+    def status(self) -> IndexHealth:
+        return IndexHealth(
+            type=self._index.kind,
+            size=len(self._index),
+            dimension=self._index.dim,
+            approximate=self._index.approximate,
+            reorganizing=self._index.relayout_running,
+        )
 
     async def _changed(self) -> None:
         self._dirty = True
@@ -142,14 +178,14 @@ class IndexService:
 
     def _maybe_relayout(self) -> None:
         """Past the layout's thresholds, rebuild the index in the background (searches and changes go on)."""
-        if self.index.needs_relayout() and (self._relayout is None or self._relayout.done()):
+        if self._index.needs_relayout() and (self._relayout is None or self._relayout.done()):
             self._relayout = asyncio.create_task(self._run_relayout(), name="index-relayout")
 
     async def _run_relayout(self) -> None:
-        before = self.index.kind
+        before = self._index.kind
         try:
-            if await self._executor.run(self.index.relayout):
-                log.info("index %s: %s -> %s (%d vectors)", self.path.name, before, self.index.kind, len(self.index))
+            if await self._executor.run(self._index.relayout):
+                log.info("index %s: %s -> %s (%d vectors)", self.path.name, before, self._index.kind, len(self._index))
                 await self._changed()
         except Exception:
             log.exception("rebuilding the index in a new layout failed; it keeps its current one")
@@ -166,7 +202,7 @@ class IndexService:
             self._dirty = False
             started = time.perf_counter()
             try:
-                await self._executor.run(self.index.save, self.path)
+                await self._executor.run(self._index.save, self.path)
             except Exception:
                 self._dirty = True
                 raise

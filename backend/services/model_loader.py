@@ -1,4 +1,5 @@
-"""Owns a model's lifecycle (CLIP, BLIP): load once in the executor, report its state, fail softly."""
+"""Model loading: one `ModelLoader` per model (CLIP, BLIP) loads it once in the executor, reports its state
+for /health, and fails softly (a 503 with the reason, another try later)."""
 
 from __future__ import annotations
 
@@ -21,20 +22,22 @@ RETRY_AFTER_SECONDS = 30.0
 M = TypeVar("M", ClipEmbedder, BlipCaptioner)
 
 
-class ModelService(Generic[M]):
+class ModelLoader(Generic[M]):
+    """Loads one model on first use (or at startup), once; `get()` waits for it or says why it cannot load."""
+
     def __init__(self, *, label: str, model_name: str, loader: Callable[[], M], executor: Executor) -> None:
         self.label = label
         self.model_name = model_name
-        self._loader = loader
+        self._loader: Callable[[], M] = loader
         self._executor = executor
-        self._embedder: M | None = None
+        self._model: M | None = None
         self._task: asyncio.Task[M | None] | None = None
         self._error: str | None = None
         self._failed_at = 0.0
 
     @property
     def state(self) -> ModelState:
-        if self._embedder is not None:
+        if self._model is not None:
             return "loaded"
         if self._task is not None and not self._task.done():
             return "loading"
@@ -48,36 +51,36 @@ class ModelService(Generic[M]):
 
     @property
     def device(self) -> str | None:
-        return self._embedder.device if self._embedder else None
+        return self._model.device if self._model else None
 
     def start_loading(self) -> None:
-        if self._embedder is None and (self._task is None or self._task.done()):
+        if self._model is None and (self._task is None or self._task.done()):
             self._error = None
             self._task = asyncio.create_task(self._load(), name=f"load-{self.label.lower()}")
 
     async def _load(self) -> M | None:
         started = time.perf_counter()
         try:
-            embedder = await self._executor.run(self._loader)
+            model = await self._executor.run(self._loader)
         except Exception as exc:  # any failure (network, bad name, bad files) is reported, not fatal
             self._error = _describe(exc)
             self._failed_at = time.monotonic()
             log.error("could not load %s model %r: %s", self.label, self.model_name, self._error)
             return None
-        self._embedder = embedder
+        self._model = model
         log.info(
             "loaded %s model %r on %s in %.1fs",
             self.label,
             self.model_name,
-            embedder.device,
+            model.device,
             time.perf_counter() - started,
         )
-        return embedder
+        return model
 
     async def get(self) -> M:
-        """The loaded model, loading it first if needed; 503 with the reason when it cannot load."""
-        if self._embedder is not None:
-            return self._embedder
+        """The loaded model, loading it first if needed; ModelUnavailableError with the reason when it cannot load."""
+        if self._model is not None:
+            return self._model
         if (
             self.state == "failed"
             and time.monotonic() - self._failed_at >= RETRY_AFTER_SECONDS
@@ -85,9 +88,9 @@ class ModelService(Generic[M]):
         ):
             self.start_loading()
         if self._task is not None:
-            embedder = await asyncio.shield(self._task)
-            if embedder is not None:
-                return embedder
+            model = await asyncio.shield(self._task)
+            if model is not None:
+                return model
         raise ModelUnavailableError(f"{self.label} model {self.model_name!r} is not available: {self._error}")
 
     async def close(self) -> None:

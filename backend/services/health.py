@@ -1,0 +1,43 @@
+"""The service's state for /health: the models, and the caller's collection's counts and index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend.context import AppContext
+from backend.models import Health, ModelHealth
+from backend.services.catalog import count_images
+from backend.services.model_loader import ModelLoader
+
+
+async def service_health(default: AppContext, caller: AppContext | None) -> Health:
+    """`degraded` when CLIP could not be loaded (BLIP is optional: without it only captions are missing).
+    Counts and the index are the caller's collection's; without one (API keys required, none valid), only
+    the service's state."""
+    images = stale = index = None
+    if caller is not None:
+        async with caller.sessions() as session:
+            images, stale = await count_images(
+                session, model_name=caller.settings.clip_model_name, indexed=caller.index.count
+            )
+        index = caller.index.status()
+    return Health(
+        status="degraded" if default.clip.state == "failed" else "ok",
+        app=default.settings.app_name,
+        collection=None if caller is None else caller.collection,
+        images=images,
+        stale_embeddings=stale,
+        index=index,
+        model=_model_health(default.clip),
+        captioner=_model_health(default.blip),
+    )
+
+
+def _model_health(loader: ModelLoader[Any]) -> ModelHealth:
+    return ModelHealth(
+        name=loader.model_name,
+        device=loader.device,
+        state=loader.state,
+        loaded=loader.state == "loaded",
+        error=loader.error,
+    )
