@@ -63,13 +63,19 @@ def new_key() -> str:
     return "io_" + secrets.token_urlsafe(32)
 
 
+def print_new_key(collection: str) -> None:
+    """Make a key for `collection`; print it (once: it is not kept) and the API_KEYS entry that opens it."""
+    key = new_key()
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print(f"add to API_KEYS (comma-separated):                     {collection}:{digest_of(key)}")
+
+
 def main(argv: list[str]) -> int:
+    """`python -m backend.apikeys new COLLECTION`, the same as `image-organizer keys new COLLECTION`."""
     if len(argv) != 2 or argv[0] != "new" or not COLLECTION_NAME.match(argv[1]):
         print("usage: python -m backend.apikeys new COLLECTION   (1-64 of a-z, 0-9, _ and -)", file=sys.stderr)
         return 2
-    key = new_key()
-    print(f"key (give it to the client; it is not stored anywhere): {key}")
-    print(f"add to API_KEYS (comma-separated):                     {argv[1]}:{digest_of(key)}")
+    print_new_key(argv[1])
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, select
@@ -24,7 +26,7 @@ def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
 
         @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # the driver's connection
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit that was acknowledged survives a power loss too, not only a process crash.
@@ -56,7 +58,7 @@ async def init_schema(engine: AsyncEngine) -> None:
             )
         while row.version < SCHEMA_VERSION:
             for statement in MIGRATIONS[row.version]:
-                await session.exec(text(statement))  # type: ignore[call-overload]
+                await (await session.connection()).execute(text(statement))
             row.version += 1
             session.add(row)
             await session.commit()

@@ -157,6 +157,12 @@ class StaleEmbedding(Conflict):
     code = "stale_embedding"
 
 
+class DamagedVector(Conflict):
+    """A stored vector that cannot be read (a damaged database row)."""
+
+    code = "damaged_vector"
+
+
 class DeletedMeanwhile(Conflict):
     code = "deleted_meanwhile"
 

@@ -1,31 +1,23 @@
-"""App factory: settings, lifespan (executor, database, index, model), error handlers, routers."""
+"""App factory: settings, lifespan (the runtime: storage lock, executor, models, collections), middleware,
+error handlers, routers."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
-import torch
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from backend.apikeys import DEFAULT_COLLECTION, KeyEntry
-from backend.collections import Collections, Shared
+from backend.collections import open_runtime
 from backend.config import Settings, get_settings
 from backend.deps import get_context
 from backend.errors import install_error_handlers
-from backend.executor import Executor
 from backend.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
-from backend.models import ErrorBody
+from backend.models import ErrorBody, Responses
 from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
-from backend.services.imaging import set_pixel_limit
-from backend.services.model_loader import ModelLoader
-from backend.services.pipeline import ImagePipeline
-from backend.services.tagging import TagService
-from ml.captioner import BlipCaptioner
-from ml.embedder import ClipEmbedder
 
 log = logging.getLogger("backend")
 
@@ -50,58 +42,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        set_pixel_limit(settings.max_image_pixels)
-        executor = Executor(settings.executor_workers, settings.bulk_niceness)
-        # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
-        torch.set_num_threads(executor.workers)
-        clip = ModelLoader(
-            label="CLIP",
-            model_name=settings.clip_model_name,
-            loader=partial(
-                ClipEmbedder.load, settings.clip_model_name, settings.clip_device, settings.embed_batch_size
-            ),
-            executor=executor,
-        )
-        blip = ModelLoader(
-            label="BLIP",
-            model_name=settings.blip_model_name,
-            loader=partial(
-                BlipCaptioner.load,
-                settings.blip_model_name,
-                settings.blip_device,
-                settings.caption_batch_size,
-                settings.caption_max_tokens,
-            ),
-            executor=executor,
-        )
-        if settings.clip_preload:
-            clip.start_loading()  # the model loads while the index is read
-        shared = Shared(
-            settings=settings,
-            executor=executor,
-            pipeline=ImagePipeline(
-                executor=executor, max_pixels=settings.max_image_pixels, thumbnail_size=settings.thumbnail_size
-            ),
-            clip=clip,
-            blip=blip,
-            tags=TagService(
-                names=settings.tag_vocabulary,
-                per_image=settings.tags_per_image,
-                min_score=settings.tag_min_score,
-                executor=executor,
-            ),
-        )
-        app.state.collections = collections = Collections(shared)
-        # The default collection opens at startup (a single-user install's whole library); others on first use.
-        app.state.ctx = await collections.get(DEFAULT_COLLECTION)
-        log_access(settings, app.state.key_entries)
-        try:
+        async with open_runtime(settings) as collections:
+            app.state.collections = collections
+            # The default collection opens at startup (a single-user install's whole library); others on first use.
+            app.state.ctx = await collections.get(DEFAULT_COLLECTION)
+            log_access(settings, app.state.key_entries)
             yield
-        finally:
-            await collections.close()
-            await clip.close()
-            await blip.close()
-            executor.shutdown()
 
     # Swagger UI and ReDoc served from the package's own copies, so /docs works without internet.
     app = FastAPIOffline(
@@ -129,7 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     # Everything else answers only to a valid X-API-Key when API_KEYS is set (get_context checks it).
     protected = [Depends(get_context)]
-    unauthorized = {401: {"model": ErrorBody, "description": "API keys are required and no valid X-API-Key was sent"}}
+    unauthorized: Responses = {
+        401: {"model": ErrorBody, "description": "API keys are required and no valid X-API-Key was sent"}
+    }
     for router in (images, search, clusters, jobs, reindex, tags, maps):
         app.include_router(router.router, dependencies=protected, responses=unauthorized)
     return app

@@ -251,7 +251,7 @@ class ClusterRequest(BaseModel):
     @field_validator("k", mode="before")
     @classmethod
     def _one_message_for_k(cls, value: object) -> object:
-        whole = type(value) is int and 1 <= value <= MAX_CLUSTERS  # type: ignore[operator]
+        whole = isinstance(value, int) and type(value) is not bool and 1 <= value <= MAX_CLUSTERS
         if value is not None and value != "auto" and not whole:
             raise ValueError(f'k must be a whole number from 1 to {MAX_CLUSTERS}, or "auto"')
         return value
@@ -343,7 +343,8 @@ class ErrorBody(BaseModel):
     code: str
 
 
+# What a route declares as `responses=`: status -> {"model": ..., "description": ...}.
+Responses = dict[int | str, dict[str, Any]]
+
 # Documents the 422 every route with parameters can answer (the default schema is FastAPI's, not ours).
-VALIDATION_ERROR_RESPONSE: dict[int | str, dict[str, object]] = {
-    422: {"model": ErrorBody, "description": "Invalid parameters"}
-}
+VALIDATION_ERROR_RESPONSE: Responses = {422: {"model": ErrorBody, "description": "Invalid parameters"}}

@@ -20,6 +20,8 @@ from backend.executor import Executor
 from backend.services.storage import FileStore, IncomingFile, StagingWriter
 
 if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks  # declared for type checkers only
+
     from backend.context import AppContext
 
 MAX_TEXT_FIELDS = 16
@@ -179,7 +181,7 @@ async def _parse(
     max_file_bytes: int,
 ) -> None:
     try:
-        parser = MultipartParser(boundary, _callbacks(collector))  # type: ignore[arg-type]
+        parser = MultipartParser(boundary, _callbacks(collector))
         async for chunk in request.stream():
             parser.write(chunk)
             await _apply(collector, store, executor, max_file_bytes)
@@ -192,7 +194,7 @@ async def _parse(
             received.error = MalformedMultipart("the file part ended before the body did")
 
 
-def _callbacks(collector: _Collector) -> dict[str, object]:
+def _callbacks(collector: _Collector) -> MultipartCallbacks:
     return {
         "on_part_begin": collector.on_part_begin,
         "on_part_data": collector.on_part_data,

@@ -160,7 +160,7 @@ def run_search(
             del vectors
             env = {"INDEX_APPROXIMATE_FROM": str(layout.approximate_from),
                    "INDEX_PROBE_FRACTION": str(layout.probe_fraction)}  # fmt: skip
-            with serve(storage, clip, **env) as server:
+            with serve(storage, clip, settings=env) as server:
                 rss = server.rss_mb()
                 if "search" in parts:
                     idle_p95 = measure_search(report, server, size, n, 40.0 if n <= 100_000 else 60.0, samples)

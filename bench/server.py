@@ -46,10 +46,14 @@ def free_port() -> int:
 
 @contextmanager
 def serve(
-    storage: Path, clip: Path, blip: Path | None = None, timeout: float = 600, **settings: str
+    storage: Path,
+    clip: Path,
+    blip: Path | None = None,
+    timeout: float = 600,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
     """Start the service over `storage` as run.sh does, on a free loopback port; yields once /health says the
-    model is loaded. `settings` are extra environment variables (IMPORT_ROOTS="...", ...)."""
+    model is loaded. `settings` are extra environment variables ({"IMPORT_ROOTS": "..."}, ...)."""
     port = free_port()
     env = {
         **os.environ,
@@ -58,7 +62,7 @@ def serve(
         "CLIP_DEVICE": "cpu",
         "BLIP_MODEL_NAME": str(blip or clip),
         "BLIP_DEVICE": "cpu",
-        **settings,
+        **(settings or {}),
     }
     log_path = storage.parent / f"{storage.name}-server.log"
     log = log_path.open("wb")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -28,7 +29,8 @@ class BlipCaptioner:
     model_name: str
     device: str
     model: BlipForConditionalGeneration
-    processor: object
+    # A transformers processor (BlipProcessor); untyped attributes, as in ClipEmbedder.
+    processor: Any
     batch_size: int = 8
     max_new_tokens: int = 30
 
@@ -61,9 +63,9 @@ class BlipCaptioner:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB images -> pixel tensor of shape (n, 3, H, W) on the CPU."""
-        image_processor = self.processor.image_processor  # type: ignore[attr-defined]
-        batch = image_processor(images=list(images), return_tensors="pt")
-        return batch["pixel_values"]
+        image_processor = self.processor.image_processor
+        pixel_values: torch.Tensor = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixel_values
 
     def caption_pixels(self, pixel_values: torch.Tensor) -> list[str]:
         """Caption preprocessed pixels, `batch_size` images per generate call; one string per image, in order."""
@@ -78,7 +80,7 @@ class BlipCaptioner:
                     do_sample=False,
                 )
             with self._tokenizer_lock:
-                texts = self.processor.tokenizer.batch_decode(  # type: ignore[attr-defined]
+                texts = self.processor.tokenizer.batch_decode(
                     token_ids.cpu(), skip_special_tokens=True, clean_up_tokenization_spaces=True
                 )
             captions.extend(" ".join(text.split()) for text in texts)

@@ -215,7 +215,7 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
     if isinstance(value, bool):
         raise ClusteringError(f"{name} must be an integer, not a boolean.")
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]  # any object: the TypeError is the check
     except TypeError:
         raise ClusteringError(f"{name} must be an integer, not {type(value).__name__}.") from None
     if number < minimum or (maximum is not None and number > maximum):
@@ -296,7 +296,7 @@ def _seed_centres(matrix: np.ndarray, n_clusters: int, *, seed: int, init_size: 
             inertia += float(nearest @ weights[block])
         if inertia < best_inertia:
             best, best_inertia = centres, inertia
-    return best.astype(np.float32)
+    return np.asarray(best, dtype=np.float32)
 
 
 def _fit(
@@ -326,7 +326,8 @@ def _fit(
         reassignment_ratio=REASSIGNMENT_RATIO,
         random_state=seed,
     )
-    return model.fit(matrix).cluster_centers_
+    centres: np.ndarray = model.fit(matrix).cluster_centers_
+    return centres
 
 
 def _candidate_ks(k_min: int, k_max: int) -> list[int]:

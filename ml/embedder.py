@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ PreTrained = TypeVar("PreTrained", bound=PreTrainedModel)
 _LOAD_LOCK = threading.Lock()
 
 
-def load_pretrained(model_class: type[PreTrained], model_name: str, device: str) -> tuple[PreTrained, object, str]:
+def load_pretrained(model_class: type[PreTrained], model_name: str, device: str) -> tuple[PreTrained, Any, str]:
     """(model in eval mode on its device, processor, device) by hub id or from a local directory.
 
     A name that looks like a path must be an existing directory (FileNotFoundError otherwise), so a typo
@@ -58,7 +58,8 @@ def load_pretrained(model_class: type[PreTrained], model_name: str, device: str)
     with _LOAD_LOCK:
         model = model_class.from_pretrained(source, dtype=dtype)
         processor = AutoProcessor.from_pretrained(source)
-    model.to(resolved).eval()
+    # transformers wraps PreTrainedModel.to in a decorator whose type loses the method's binding of `self`.
+    model.to(resolved).eval()  # type: ignore[arg-type]  # see the comment above
     return model, processor, resolved
 
 
@@ -69,7 +70,9 @@ class ClipEmbedder:
     model_name: str
     device: str
     model: CLIPModel
-    processor: object
+    # A transformers processor (CLIPProcessor): its image_processor and tokenizer are attributes transformers
+    # does not type, so it is Any.
+    processor: Any
     dim: int
     batch_size: int = 32
 
@@ -86,7 +89,7 @@ class ClipEmbedder:
             device=resolved,
             model=model,
             processor=processor,
-            dim=int(model.config.projection_dim),
+            dim=int(model.config.projection_dim or 0),
             batch_size=batch_size,
         )
 
@@ -96,13 +99,13 @@ class ClipEmbedder:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB images -> pixel tensor of shape (n, 3, H, W) on the CPU."""
-        image_processor = self.processor.image_processor  # type: ignore[attr-defined]
+        image_processor = self.processor.image_processor
         if getattr(image_processor, "do_center_crop", False):
             # The processor scales the short side to 224 and keeps the centre square, so cropping very
             # long images first changes nothing but stops a 10000x1 image from becoming 2240000x224.
             images = [crop_to_aspect(image, MAX_ASPECT) for image in images]
-        batch = image_processor(images=list(images), return_tensors="pt")
-        return batch["pixel_values"]
+        pixel_values: torch.Tensor = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixel_values
 
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Forward preprocessed pixels in batches; returns (n, dim) unit vectors."""
@@ -127,7 +130,7 @@ class ClipEmbedder:
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start : start + self.batch_size])
             with self._tokenizer_lock:
-                tokens = self.processor.tokenizer(  # type: ignore[attr-defined]
+                tokens = self.processor.tokenizer(
                     chunk, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
                 )
             tokens = {key: value.to(self.device) for key, value in tokens.items()}
@@ -154,4 +157,4 @@ def crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
 def _normalise(features: torch.Tensor) -> np.ndarray:
     vectors = features.float()
     vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return vectors.cpu().numpy().astype(np.float32, copy=False)
+    return np.asarray(vectors.cpu().numpy(), dtype=np.float32)

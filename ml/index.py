@@ -228,7 +228,7 @@ class VectorIndex:
             return True
         if approximate:
             wanted = IndexLayout.lists_for(n)
-            return (
+            return bool(
                 wanted >= 4 * index.nlist
                 or wanted * 4 <= index.nlist
                 or index.nprobe != self.layout.probes_for(index.nlist)
@@ -350,7 +350,7 @@ def _ids(index: faiss.Index | None) -> np.ndarray:
             faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(index.nlist) if lists.list_size(i)
         ]
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
+    return np.asarray(faiss.vector_to_array(index.id_map), dtype=np.int64)
 
 
 def _snapshot(index: faiss.Index | None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv when missing and install a requirements file into it; skipped when nothing changed.
+# Create .venv when missing, install a requirements file into it, then the project itself (editable, without
+# dependencies: the requirements file is the complete pinned set), which gives .venv/bin/image-organizer.
+# Skipped when nothing changed.
 # Usage: scripts/setup-venv.sh requirements.txt|requirements-dev.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ fi
 
 # Reinstall only when the requirement files differ from the last successful install.
 stamp="$venv/.installed-$(basename "$req")"
-digest="$(cat requirements.txt "$req" | sha256sum | cut -d' ' -f1)"
+digest="$(cat requirements.txt "$req" pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
     exit 0
 fi
@@ -27,4 +29,5 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 fi
 echo "installing $req into $venv"
 "$venv/bin/python" -m pip install --disable-pip-version-check -q "${extra[@]}" -r "$req"
+"$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps -e .
 echo "$digest" > "$stamp"

@@ -30,7 +30,7 @@ def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> Settings:
     return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         storage_root=tmp_path / "storage",
         clip_model_name=str(tiny_clip_dir),
         clip_device="cpu",
@@ -46,7 +46,7 @@ def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> Settin
 
 def app_context(client: httpx.AsyncClient) -> AppContext:
     """The running app's context behind a client made by `run_app`."""
-    return client.ctx  # type: ignore[attr-defined,no-any-return]
+    return client.ctx  # type: ignore[attr-defined]  # set by run_app
 
 
 AppRunner = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -52,7 +53,7 @@ async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 120.
         await asyncio.sleep(0.05)
 
 
-async def upload_many(client: httpx.AsyncClient, count: int, first_seed: int = 100, **image_args: object) -> list[dict]:
+async def upload_many(client: httpx.AsyncClient, count: int, first_seed: int = 100, **image_args: Any) -> list[dict]:
     """Upload `count` distinct JPEGs in one request; their records in order."""
     files = [
         ("files", (f"img{i}.jpg", make_image_bytes(first_seed + i, **image_args), "image/jpeg")) for i in range(count)

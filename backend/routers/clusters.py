@@ -14,6 +14,7 @@ from backend.models import (
     ClusterRunPublic,
     ErrorBody,
     JobPublic,
+    Responses,
     UploadClusters,
 )
 from backend.multipart import multipart_body, receive_uploads
@@ -26,10 +27,8 @@ router = APIRouter(tags=["clusters"], responses=VALIDATION_ERROR_RESPONSE)
 
 MAX_ID = 2**63 - 1
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="The clustering run's id.")]
-_RUN_NOT_FOUND: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorBody, "description": "No run (or cluster) with this id"}
-}
-_FAILED: dict[int | str, dict[str, object]] = {
+_RUN_NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No run (or cluster) with this id"}}
+_FAILED: Responses = {
     409: {"model": ErrorBody, "description": "The clustering job did not succeed"},
     503: {"model": ErrorBody, "description": "A model is not available"},
 }
@@ -37,8 +36,10 @@ _FAILED: dict[int | str, dict[str, object]] = {
 
 def _k(value: str | None) -> int | Literal["auto"] | None:
     """A k from the query string: a number or "auto"; None = KMEANS_CLUSTERS."""
-    if value is None or value == "auto":
-        return value
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
     if not (value.isascii() and value.isdigit() and len(value) <= 6) or not 1 <= int(value) <= MAX_CLUSTERS:
         raise InvalidParameter(f'k must be a number from 1 to {MAX_CLUSTERS}, or "auto"')
     return int(value)

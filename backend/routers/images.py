@@ -14,6 +14,7 @@ from backend.models import (
     ImageUploaded,
     ImportRequest,
     JobPublic,
+    Responses,
     SearchResults,
     UploadBatch,
     UploadError,
@@ -32,8 +33,8 @@ router = APIRouter(
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="The image's id.")]
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "No image with this id"}}
-_UPLOAD_ERRORS = {
+_NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No image with this id"}}
+_UPLOAD_ERRORS: Responses = {
     200: {"model": ImageUploaded | UploadBatch, "description": "Only duplicates: nothing new was stored"},
     400: {"model": ErrorBody, "description": "Not an image, empty, corrupt, or too many files"},
     413: {"model": ErrorBody, "description": "A file or the request is larger than the limits"},

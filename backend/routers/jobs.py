@@ -3,13 +3,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 
 from backend.deps import ContextDep
-from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, JobKind, JobPublic, JobsPublic, JobStatus
+from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, JobKind, JobPublic, JobsPublic, JobStatus, Responses
 from backend.services.jobs import job_public
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=VALIDATION_ERROR_RESPONSE)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
-_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "description": "No job with this id"}}
+_NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No job with this id"}}
 
 
 @router.get("", response_model=JobsPublic, summary="Recent jobs, newest first")

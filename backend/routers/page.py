@@ -1,11 +1,16 @@
-"""The web page: `test.html` from the repository root, served at `/`."""
+"""The web page: `test.html` (at the repository's root; installed under share/ai-image-organizer), served at `/`."""
 
+import sys
 from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-PAGE = Path(__file__).resolve().parents[2] / "test.html"
+_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "test.html",  # a checkout, or an editable install
+    Path(sys.prefix) / "share" / "ai-image-organizer" / "test.html",  # pip install .
+)
+PAGE = next((path for path in _CANDIDATES if path.is_file()), _CANDIDATES[0])
 
 router = APIRouter(include_in_schema=False)
 

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request
 
 from backend.deps import ContextDep
 from backend.errors import InvalidParameter
-from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, SearchResults
+from backend.models import VALIDATION_ERROR_RESPONSE, ErrorBody, Responses, SearchResults
 from backend.multipart import multipart_body, receive_uploads
 from backend.services import search as search_service
 
@@ -13,7 +13,7 @@ router = APIRouter(tags=["search"], responses=VALIDATION_ERROR_RESPONSE)
 
 MAX_TOP_K = 200
 TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results, best first.")]
-_ERRORS: dict[int | str, dict[str, object]] = {
+_ERRORS: Responses = {
     503: {"model": ErrorBody, "description": "The CLIP model is not available"},
 }
 

@@ -56,7 +56,7 @@ async def caption_stored(
                     assert row.id is not None
                     # A row deleted meanwhile is simply not updated.
                     await session.exec(
-                        update(Image)  # type: ignore[call-overload]
+                        update(Image)
                         .where(col(Image.id) == row.id)
                         .values(caption=text, caption_model=captioner.model_name)
                     )

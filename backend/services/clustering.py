@@ -181,6 +181,6 @@ async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, capt
                 members[start : start + MEMBER_CHUNK],
             )
         keep = select(ClusterRun.id).order_by(col(ClusterRun.id).desc()).limit(ctx.settings.cluster_runs_kept)
-        await session.exec(delete(ClusterRun).where(col(ClusterRun.id).not_in(keep)))  # type: ignore[call-overload]
+        await session.exec(delete(ClusterRun).where(col(ClusterRun.id).not_in(keep)))
         await session.commit()
         return run.id

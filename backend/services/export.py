@@ -88,7 +88,7 @@ class _Sink(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]
+    def write(self, data: bytes) -> int:  # type: ignore[override]  # zipfile only ever writes bytes here
         self._chunks.append(bytes(data))
         self._position += len(data)
         return len(data)

@@ -144,24 +144,27 @@ async def _stage(ctx: AppContext, path: Path) -> IncomingFile:
     return IncomingFile(filename=path.name, staged=staged)
 
 
-async def start_import(ctx: AppContext, raw_path: str, *, recursive: bool) -> Job:
+async def start_import(
+    ctx: AppContext, raw_path: str, *, recursive: bool = True, roots: list[Path] | None = None
+) -> Job:
+    """Check the folder, then queue its import. `roots` are the folders it may lie in: IMPORT_ROOTS by
+    default (the API); the command line, run by the operator, passes the folder itself."""
     settings = ctx.settings
-    folder = await ctx.executor.run(
-        check_import_path, raw_path, roots=settings.import_roots, storage_root=settings.storage_root
-    )
+    allowed = settings.import_roots if roots is None else roots
+    folder = await ctx.executor.run(check_import_path, raw_path, roots=allowed, storage_root=settings.storage_root)
     await ctx.clip.get()  # unavailable now rather than a failed job when CLIP cannot load
 
     async def run(handle: JobHandle) -> dict[str, Any]:
-        return await _run(ctx, handle, folder, recursive)
+        return await _run(ctx, handle, folder, recursive, allowed)
 
     return await ctx.jobs.submit("import", {"path": str(folder), "recursive": recursive}, run)
 
 
-async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool) -> dict[str, Any]:
+async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool, roots: list[Path]) -> dict[str, Any]:
     settings = ctx.settings
     await handle.progress(0, None, "listing files")
     paths, failures, skipped = await ctx.executor.run(
-        find_files, folder, recursive=recursive, roots=settings.import_roots, storage_root=settings.storage_root
+        find_files, folder, recursive=recursive, roots=roots, storage_root=settings.storage_root
     )
     counts = {"created": 0, "duplicates": 0, "failed": len(failures)}
     created_ids: list[int] = []

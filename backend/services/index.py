@@ -38,6 +38,14 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
+def stored_vector(blob: bytes, dim: int) -> np.ndarray | None:
+    """The vector a row stores, or None when its blob is damaged (not `dim` finite float32 values)."""
+    if len(blob) != 4 * dim or dim <= 0:
+        return None
+    vector = blob_to_vector(blob)
+    return vector if bool(np.isfinite(vector).all()) else None
+
+
 def index_file(index_dir: Path, model_name: str) -> Path:
     """One file per model, so vectors of two models never meet in one index."""
     tag = hashlib.sha1(model_name.encode()).hexdigest()[:12]
@@ -79,13 +87,7 @@ class IndexService:
             if self.path.exists()
             else None
         )
-        async with sessions() as session:
-            connection = await session.connection()
-            result = await connection.exec_driver_sql(
-                "SELECT id FROM image WHERE embedding_model = ?", (self.model_name,)
-            )
-            db_ids = np.fromiter((row[0] for row in result), dtype=np.int64)
-        db_ids.sort()
+        db_ids = await self.database_ids(sessions)
         if reading is not None:
             try:
                 loaded = await reading
@@ -107,15 +109,36 @@ class IndexService:
             log.info("no index file at %s: building it from the database", self.path)
         await self.rebuild(sessions)
 
+    async def database_ids(self, sessions: async_sessionmaker[AsyncSession]) -> np.ndarray:
+        """The ids of the rows the current model embedded, sorted: what the index must hold."""
+        async with sessions() as session:
+            connection = await session.connection()
+            result = await connection.exec_driver_sql(
+                "SELECT id FROM image WHERE embedding_model = ?", (self.model_name,)
+            )
+            db_ids = np.fromiter((row[0] for row in result), dtype=np.int64)
+        db_ids.sort()
+        return db_ids
+
+    async def saved_ids(self) -> np.ndarray:
+        """The ids the saved index file holds, sorted, read as it is; raises when it is missing or unreadable."""
+        loaded = await self._executor.run(VectorIndex.load, self.path, self.layout)
+        return np.sort(loaded.ids())
+
     async def rebuild(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """Build the index from the vectors stored in SQLite and save it. A stored vector that cannot be
+        used (damaged: the wrong length, or not finite) is left out, with a warning, rather than stopping
+        the service; `image-organizer check --repair` re-embeds such images."""
         ids: list[np.ndarray] = []
         vectors: list[np.ndarray] = []
         last_id = 0
+        dim: int | None = None
+        broken = 0
         async with sessions() as session:
             while True:
                 rows = (
                     await session.exec(
-                        select(Image.id, Image.embedding)
+                        select(Image.id, Image.embedding, Image.embedding_dim)
                         .where(Image.embedding_model == self.model_name, col(Image.id) > last_id)
                         .order_by(col(Image.id))
                         .limit(REBUILD_CHUNK)
@@ -123,15 +146,27 @@ class IndexService:
                 ).all()
                 if not rows:
                     break
-                ids.append(np.array([row[0] for row in rows], dtype=np.int64))
-                vectors.append(np.stack([blob_to_vector(row[1]) for row in rows]))
-                last_id = int(rows[-1][0])
+                last_id = int(rows[-1][0] or 0)
+                decoded = [(int(row[0] or 0), stored_vector(row[1], row[2])) for row in rows]
+                if dim is None:
+                    dim = next((len(v) for _, v in decoded if v is not None), None)
+                usable = [(i, v) for i, v in decoded if v is not None and len(v) == dim]
+                broken += len(decoded) - len(usable)
+                if usable:
+                    ids.append(np.array([i for i, _ in usable], dtype=np.int64))
+                    vectors.append(np.stack([v for _, v in usable]))
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         all_vectors = np.concatenate(vectors) if vectors else np.empty((0, 0), dtype=np.float32)
         await self._executor.run(self._index.reset, all_ids, all_vectors)
         self._dirty = True
         await self.save()
         log.info("rebuilt index %s with %d vectors (%s)", self.path.name, len(all_ids), self._index.kind)
+        if broken:
+            log.warning(
+                "%d images have a damaged stored vector and are not searchable: image-organizer check --repair "
+                "re-embeds them",
+                broken,
+            )
 
     async def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         await self._executor.run(self._index.add, ids, vectors)

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -22,7 +22,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.errors import DomainError, JobFinished, JobNotFound, ShuttingDown
-from backend.models import Job, JobProgress, JobPublic, utcnow
+from backend.models import Job, JobKind, JobProgress, JobPublic, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class JobService:
         """Mark jobs an earlier process left unfinished as failed; returns how many."""
         async with self._sessions() as session:
             result = await session.exec(
-                update(Job)  # type: ignore[call-overload]
+                update(Job)
                 .where(col(Job.status).in_(("queued", "running")))
                 .values(status="failed", error=RESTART_ERROR, finished_at=utcnow())
             )
@@ -238,8 +238,8 @@ def job_public(job: Job) -> JobPublic:
     """A job as the API shows it."""
     return JobPublic(
         id=job.id,
-        kind=job.kind,  # type: ignore[arg-type]
-        status=job.status,  # type: ignore[arg-type]
+        kind=cast(JobKind, job.kind),  # the table stores them as text; only these values are written
+        status=cast(JobStatus, job.status),
         progress=JobProgress(done=job.progress_done, total=job.progress_total, message=job.message),
         params=job.params,
         cancel_requested=job.cancel_requested,

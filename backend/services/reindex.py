@@ -20,6 +20,7 @@ from backend.services.index import vector_to_blob
 from backend.services.jobs import JobHandle
 from backend.services.pipeline import PreparedImage
 from backend.services.tagging import replace_tags
+from ml.embedder import ClipEmbedder
 
 MAX_LISTED_FAILURES = 1000
 
@@ -46,42 +47,9 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
     await handle.progress(0, len(ids), "re-embedding")
     for start in range(0, len(ids), ctx.settings.embed_batch_size):
         batch = ids[start : start + ctx.settings.embed_batch_size]
-        async with ctx.sessions() as session:
-            rows = await get_images_by_ids(session, batch)
-        images = [rows[i] for i in batch if i in rows]  # deleted meanwhile: nothing to do
-        prepared = await ctx.pipeline.prepare(
-            [ctx.store.path(image.storage_key) for image in images], embedder.preprocess
-        )
-        readable: list[tuple[Image, PreparedImage]] = []
-        for image, outcome in zip(images, prepared, strict=True):
-            if isinstance(outcome, DomainError):
-                failures.append({"image_id": image.id, "detail": outcome.detail})
-            else:
-                readable.append((image, outcome))
-        vectors = await ctx.pipeline.embed(embedder, [p for _, p in readable])
-        tags = await ctx.tags.tag(embedder, vectors)
-        updated: list[int] = []
-        async with ctx.write_lock, ctx.sessions() as session:
-            for row, ((image, _), vector) in enumerate(zip(readable, vectors, strict=True)):
-                assert image.id is not None
-                result = await session.exec(
-                    update(Image)  # type: ignore[call-overload]
-                    .where(col(Image.id) == image.id)
-                    .values(
-                        embedding=vector_to_blob(vector),
-                        embedding_dim=int(vector.shape[0]),
-                        embedding_model=embedder.model_name,
-                    )
-                )
-                if result.rowcount:
-                    await replace_tags(session, image.id, tags[row])
-                    updated.append(row)
-            await session.commit()
-            if updated:
-                await ctx.index.add(
-                    np.array([readable[row][0].id for row in updated], dtype=np.int64), vectors[updated]
-                )
-        done += len(updated)
+        updated, failed = await _reembed_batch(ctx, embedder, batch)
+        done += updated
+        failures += failed
         await handle.progress(start + len(batch), len(ids), "re-embedding")
     return {
         "model": embedder.model_name,
@@ -89,3 +57,54 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
         "failed": len(failures),
         "failures": failures[:MAX_LISTED_FAILURES],
     }
+
+
+async def reembed_images(ctx: AppContext, ids: list[int]) -> tuple[int, list[dict[str, Any]]]:
+    """Give these images a vector and tags from the current model now, from their originals; (images
+    re-embedded, failures with their reasons). `image-organizer check --repair` mends broken vectors so."""
+    embedder = await ctx.clip.get()
+    done = 0
+    failures: list[dict[str, Any]] = []
+    for start in range(0, len(ids), ctx.settings.embed_batch_size):
+        updated, failed = await _reembed_batch(ctx, embedder, ids[start : start + ctx.settings.embed_batch_size])
+        done += updated
+        failures += failed
+    return done, failures
+
+
+async def _reembed_batch(ctx: AppContext, embedder: ClipEmbedder, batch: list[int]) -> tuple[int, list[dict[str, Any]]]:
+    """Re-read, embed and tag one batch, commit it and add it to the index; (rows updated, failures)."""
+    failures: list[dict[str, Any]] = []
+    async with ctx.sessions() as session:
+        rows = await get_images_by_ids(session, batch)
+    images = [rows[i] for i in batch if i in rows]  # deleted meanwhile: nothing to do
+    paths = [ctx.store.path(image.storage_key) for image in images]
+    readable: list[tuple[Image, PreparedImage]] = []
+    for image, outcome in zip(images, await ctx.pipeline.prepare(paths, embedder.preprocess), strict=True):
+        if isinstance(outcome, DomainError):
+            failures.append({"image_id": image.id, "detail": outcome.detail})
+        else:
+            readable.append((image, outcome))
+    vectors = await ctx.pipeline.embed(embedder, [p for _, p in readable])
+    tags = await ctx.tags.tag(embedder, vectors)
+    updated: list[int] = []
+    async with ctx.write_lock, ctx.sessions() as session:
+        for row, ((image, _), vector) in enumerate(zip(readable, vectors, strict=True)):
+            assert image.id is not None
+            result = await session.exec(
+                update(Image)
+                .where(col(Image.id) == image.id)
+                .values(
+                    embedding=vector_to_blob(vector),
+                    embedding_dim=int(vector.shape[0]),
+                    embedding_model=embedder.model_name,
+                )
+            )
+            if result.rowcount:
+                await replace_tags(session, image.id, tags[row])
+                updated.append(row)
+        await session.commit()
+        if updated:
+            added = np.array([readable[row][0].id for row in updated], dtype=np.int64)
+            await ctx.index.add(added, vectors[updated])
+    return len(updated), failures

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from backend.context import AppContext
-from backend.errors import DomainError, StaleEmbedding
+from backend.errors import DamagedVector, DomainError, StaleEmbedding
 from backend.models import SearchHit, SearchResults
 from backend.services.catalog import get_images_by_ids, image_public, load_image
-from backend.services.index import blob_to_vector
+from backend.services.index import stored_vector
 from backend.services.storage import Receive
 from backend.services.tagging import load_tags
 
@@ -30,7 +30,12 @@ async def search_similar(ctx: AppContext, image_id: int, *, top_k: int) -> Searc
             f"image {image_id} was embedded by {image.embedding_model!r}, not by the current model "
             f"{ctx.settings.clip_model_name!r}"
         )
-    hits = await _hits(ctx, blob_to_vector(image.embedding), top_k + 1)
+    vector = stored_vector(image.embedding, image.embedding_dim)
+    if vector is None:
+        raise DamagedVector(
+            f"the stored vector of image {image_id} is damaged: `image-organizer check --repair` mends it"
+        )
+    hits = await _hits(ctx, vector, top_k + 1)
     hits = [hit for hit in hits if hit.image.id != image_id][:top_k]
     return SearchResults(image_id=image_id, count=len(hits), results=hits)
 

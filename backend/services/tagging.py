@@ -50,15 +50,13 @@ def tag_rows(image_id: int, tags: Tags) -> list[ImageTag]:
 
 async def replace_tags(session: AsyncSession, image_id: int, tags: Tags) -> None:
     """Swap an image's tags inside the caller's transaction."""
-    await session.exec(delete(ImageTag).where(col(ImageTag.image_id) == image_id))  # type: ignore[call-overload]
+    await session.exec(delete(ImageTag).where(col(ImageTag.image_id) == image_id))
     session.add_all(tag_rows(image_id, tags))
 
 
 async def tag_counts(session: AsyncSession, names: tuple[str, ...]) -> TagsPublic:
     """Every vocabulary tag with how many images carry it, plus tags stored under an earlier vocabulary."""
-    stored = dict(
-        (await session.exec(select(ImageTag.tag, func.count()).group_by(col(ImageTag.tag)))).all()  # type: ignore[arg-type]
-    )
+    stored = dict((await session.exec(select(ImageTag.tag, func.count()).group_by(col(ImageTag.tag)))).all())
     counts = dict.fromkeys(names, 0) | stored
     data = [TagCount(tag=tag, count=count) for tag, count in counts.items()]
     data.sort(key=lambda item: -item.count)  # stable: vocabulary order among equals

@@ -15,7 +15,7 @@ def upload(names: list[str]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (name, make_image_bytes(300 + n), "image/jpeg")) for n, name in enumerate(names)]
 
 
-async def test_contract_exactly(client: httpx.AsyncClient, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_contract_exactly(client: httpx.AsyncClient, settings) -> None:
     names = [f"photo-{n}.jpg" for n in range(7)]
     response = await client.post("/cluster-images", files=upload(names))
     assert response.status_code == 200, response.text
@@ -54,7 +54,7 @@ async def test_a_single_image_is_one_cluster(client: httpx.AsyncClient) -> None:
     assert body["clusters"][0]["image_ids"] == ["only.jpg"] and len(body["clusters"]) == 1
 
 
-async def test_a_bad_file_is_named_and_nothing_is_kept(client: httpx.AsyncClient, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_bad_file_is_named_and_nothing_is_kept(client: httpx.AsyncClient, settings) -> None:
     files = upload(["good.jpg"]) + [("files", ("notes.jpg", b"these are not pixels", "image/jpeg"))]
     response = await client.post("/cluster-images", files=files)
     assert response.status_code == 400

@@ -94,7 +94,7 @@ async def test_a_run_made_by_another_clip_model_is_computed_again(client: httpx.
     await upload_many(client, 4)
     first = (await client.get("/clusters", params={"captions": "false"})).json()
     async with app_context(client).sessions() as session:
-        await session.exec(update(ClusterRun).values(embedding_model="some/older-model"))  # type: ignore[call-overload]
+        await session.exec(update(ClusterRun).values(embedding_model="some/older-model"))
         await session.commit()
     latest = (await client.get("/clusters")).json()
     assert latest["id"] > first["id"] and latest["embedding_model"] == first["embedding_model"]

@@ -23,7 +23,7 @@ async def test_upload_racing_a_delete_never_reports_a_deleted_image(
     entered, release = threading.Event(), threading.Event()
     real_prepare = pipeline.prepare_image
 
-    def slow_prepare(path, **kwargs):  # type: ignore[no-untyped-def]
+    def slow_prepare(path, **kwargs):
         entered.set()
         release.wait(10)
         return real_prepare(path, **kwargs)

@@ -131,7 +131,7 @@ async def test_refused_paths(
     assert (await importer.get("/jobs")).json()["count"] == 0
 
 
-async def test_the_storage_root_is_refused(run_app: AppRunner, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_the_storage_root_is_refused(run_app: AppRunner, settings) -> None:
     # A root that holds the service's storage: the storage itself cannot be imported.
     async with run_app(import_roots=[settings.storage_root.parent]) as client:
         for target in (settings.storage_root, settings.storage_root / "originals"):
@@ -159,7 +159,7 @@ async def test_a_cancelled_import_keeps_what_it_stored(
     real_stage = importer_service.stage_file
     staged: list[Path] = []
 
-    def stage(store, path, max_bytes):  # type: ignore[no-untyped-def]
+    def stage(store, path, max_bytes):
         staged.append(path)
         if len(staged) == 2:
             reached.set()

@@ -17,7 +17,7 @@ from tests.conftest import AppRunner, app_context
 from tests.helpers import upload_many, wait_job
 
 
-def gated_job(gate: asyncio.Event, steps: int = 3, started: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+def gated_job(gate: asyncio.Event, steps: int = 3, started: asyncio.Event | None = None):
     """A job that reports progress, then waits for `gate` before its last checkpoint."""
 
     async def run(handle: JobHandle) -> dict[str, object]:
@@ -142,7 +142,7 @@ async def test_the_event_loop_answers_while_a_job_works(client: httpx.AsyncClien
     assert (await wait_job(client, job.id))["status"] == "succeeded"
 
 
-async def test_a_restart_never_leaves_a_job_running(run_app: AppRunner, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_restart_never_leaves_a_job_running(run_app: AppRunner, settings) -> None:
     async with run_app() as client:
         stuck = await app_context(client).jobs.submit("import", {}, gated_job(asyncio.Event()))
         while (await client.get(f"/jobs/{stuck.id}")).json()["status"] != "running":

@@ -8,7 +8,7 @@ from tests.conftest import AppRunner
 from tests.helpers import upload_many
 
 
-async def test_a_version_1_database_is_migrated(run_app: AppRunner, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_version_1_database_is_migrated(run_app: AppRunner, settings) -> None:
     async with run_app() as client:
         images = await upload_many(client, 2)
     # Turn the file back into what version 1 made: no caption columns, none of the new tables.

@@ -73,13 +73,13 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
     """A client that disconnects half-way through its body leaves nothing behind."""
     app = create_app(settings)
     head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'.encode()
-    messages = [
+    messages: list[dict[str, object]] = [
         {"type": "http.request", "body": head + make_image_bytes(7)[:300], "more_body": True},
         {"type": "http.disconnect"},
     ]
     sent: list[dict] = []
 
-    async def receive() -> dict:
+    async def receive() -> dict[str, object]:
         if messages:
             return messages.pop(0)
         await asyncio.sleep(3600)
@@ -103,7 +103,7 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
         "server": ("test", 80),
     }
     async with LifespanManager(app, startup_timeout=60) as manager:
-        await manager.app(scope, receive, send)  # type: ignore[arg-type]
+        await manager.app(scope, receive, send)  # type: ignore[arg-type]  # plain dicts as ASGI messages
         assert sent[0]["status"] == 400
         assert not list((settings.storage_root / "tmp").iterdir())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client:

@@ -50,7 +50,7 @@ async def test_reindex_after_a_model_change(run_app: AppRunner, other_clip_dir: 
         assert everything["result"]["reembedded"] == 5
 
 
-async def test_reindex_reports_missing_originals(run_app: AppRunner, other_clip_dir: Path, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_reindex_reports_missing_originals(run_app: AppRunner, other_clip_dir: Path, settings) -> None:
     async with run_app() as client:
         images = await upload_many(client, 2)
     db = sqlite3.connect(settings.storage_root / "organizer.db")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from sqlmodel import col, update
 
 from backend.config import Settings
+from backend.models import Image
+from tests.conftest import app_context
 from tests.helpers import make_image_bytes, stored_files
 
 
@@ -135,3 +138,14 @@ async def test_deleted_image_can_be_uploaded_again(client: httpx.AsyncClient) ->
     assert again.json()["duplicate"] is False
     assert again.json()["id"] != first["id"]  # ids are never reused
     assert (await client.get(again.json()["file_url"])).content == data
+
+
+async def test_similar_to_an_image_whose_stored_vector_is_damaged_says_so(client: httpx.AsyncClient) -> None:
+    images = await seed_images(client, 3)
+    async with app_context(client).sessions() as session:
+        await session.exec(update(Image).where(col(Image.id) == images[0]["id"]).values(embedding=b"\x00\x01\x02"))
+        await session.commit()
+    response = await client.get(f"/images/{images[0]['id']}/similar")
+    assert response.status_code == 409, response.text
+    assert response.json()["code"] == "damaged_vector" and "check --repair" in response.json()["detail"]
+    assert (await client.get(f"/images/{images[1]['id']}/similar")).status_code == 200  # the others answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+from typing import Any
 
 import httpx
 import pytest
@@ -155,7 +156,7 @@ async def test_upload_without_a_file_is_a_422(client: httpx.AsyncClient) -> None
     ],
 )
 async def test_upload_accepts_every_allowed_format(
-    client: httpx.AsyncClient, fmt: str, ctype: str, save_args: dict[str, object]
+    client: httpx.AsyncClient, fmt: str, ctype: str, save_args: dict[str, Any]
 ) -> None:
     if fmt == "HEIF":
         from pillow_heif import register_heif_opener

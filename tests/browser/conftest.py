@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ class Server:
     import_root: Path
     log: Path
 
-    def get(self, path: str) -> object:
+    def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.base + path, timeout=30) as answer:
             return json.loads(answer.read())
 
@@ -55,7 +56,7 @@ def server(
     with contextlib.ExitStack() as stack:
         try:
             running = stack.enter_context(
-                serve(storage, tiny_clip_dir, tiny_blip_dir, timeout=STARTUP_SECONDS, **settings)
+                serve(storage, tiny_clip_dir, tiny_blip_dir, timeout=STARTUP_SECONDS, settings=settings)
             )
         except RuntimeError as exc:  # its message ends with the server's log
             pytest.fail(str(exc))
@@ -65,7 +66,7 @@ def server(
 # Module scope, not session: sync Playwright keeps an event loop running in the main thread while it is
 # open, and async tests in later modules (pytest-asyncio) cannot start theirs beside it.
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.skip(
             f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium; scripts/test.sh does "
@@ -80,9 +81,9 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser: object, server: Server) -> Iterator[object]:
+def page(browser: Any, server: Server) -> Iterator[Any]:
     """The service's page at `/`, loaded; a script error in the page fails the test."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)  # type: ignore[attr-defined]
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -94,11 +95,11 @@ def page(browser: object, server: Server) -> Iterator[object]:
     assert not errors, f"the page raised script errors: {errors}"
 
 
-def screenshot(page: object, name: str) -> Path:
+def screenshot(page: Any, name: str) -> Path:
     """Save a full-page screenshot under SCREENSHOT_DIR (artifacts/screenshots by default)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
+    page.screenshot(path=str(path), full_page=True)
     return path
 
 

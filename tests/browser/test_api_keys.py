@@ -65,7 +65,7 @@ def test_without_a_key_the_page_says_one_is_needed(page, server: Server, tmp_pat
     assert "counts hidden until an API key is given" in service
     assert page.locator(".toast").count() == 1, page.locator(".toast").all_text_contents()
     screenshot(page, "api-key-needed")
-    assert server.get("/health")["images"] is None  # type: ignore[index]
+    assert server.get("/health")["images"] is None
 
     # Something that cannot be sent as a header is refused in the page, not sent.
     use_key(page, "clé à moi")

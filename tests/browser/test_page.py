@@ -7,6 +7,7 @@ import io
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -18,7 +19,7 @@ from tests.helpers import make_image_bytes
 pytestmark = pytest.mark.browser
 
 
-def upload(server: Server, names_and_seeds: dict[str, int]) -> list[dict[str, object]]:
+def upload(server: Server, names_and_seeds: dict[str, int]) -> list[dict[str, Any]]:
     """Store images through the API (the page is tested elsewhere for this): their records, in order."""
     files = [
         ("files", (name, make_image_bytes(seed, size=(160, 120)), "image/jpeg"))
@@ -71,7 +72,7 @@ def test_upload_three_images_shows_them_in_the_gallery(page, server: Server, tmp
     page.wait_for_function(
         "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
     )
-    assert server.get("/images")["count"] == 3  # type: ignore[index]
+    assert server.get("/images")["count"] == 3
     screenshot(page, "gallery")
 
     # The same file again is reported as a duplicate, not stored twice.
@@ -82,7 +83,7 @@ def test_upload_three_images_shows_them_in_the_gallery(page, server: Server, tmp
     page.click("#upload-results .why")  # the stored image opens
     page.wait_for_selector("#detail[open]")
     assert page.text_content("#detail-title") == "beach.jpg"
-    assert server.get("/images")["count"] == 3  # type: ignore[index]
+    assert server.get("/images")["count"] == 3
 
 
 def test_drop_uploads_files_and_a_rejected_file_shows_its_reason(page, server: Server) -> None:
@@ -102,7 +103,7 @@ def test_drop_uploads_files_and_a_rejected_file_shows_its_reason(page, server: S
     # A filename is shown as text, never run as HTML.
     assert hostile in gallery_names(page)
     assert page.evaluate("window.__injected") is None
-    assert server.get("/images")["count"] == 2  # type: ignore[index]
+    assert server.get("/images")["count"] == 2
     screenshot(page, "upload-results")
 
 
@@ -112,7 +113,7 @@ def test_upload_of_more_files_than_a_request_may_hold_is_sent_in_parts(page, ser
     page.set_input_files("#file-input", [str(p) for p in paths])
     page.wait_for_selector("#upload-status:has-text('Done')")
     assert page.text_content("#upload-status") == "Done: 5 stored, 0 duplicates, 0 rejected."
-    assert server.get("/images")["count"] == 5  # type: ignore[index]
+    assert server.get("/images")["count"] == 5
 
 
 def test_tag_filter_shows_only_tagged_images(page, server: Server) -> None:
@@ -121,10 +122,12 @@ def test_tag_filter_shows_only_tagged_images(page, server: Server) -> None:
     page.wait_for_function("document.querySelectorAll('#tag-filter option').length > 1")
     option = page.locator("#tag-filter option").nth(1)
     tag = option.get_attribute("value")
-    count = int(re.search(r"\((\d+)\)$", option.text_content()).group(1))  # type: ignore[union-attr]
+    found = re.search(r"\((\d+)\)$", option.text_content())
+    assert found is not None, option.text_content()
+    count = int(found.group(1))
     page.select_option("#tag-filter", tag)
     page.wait_for_function(f"document.querySelectorAll('#gallery .thumb').length === {count}")
-    expected = {image["filename"] for image in server.get(f"/images?tag={quote(tag)}")["data"]}  # type: ignore[index]
+    expected = {image["filename"] for image in server.get(f"/images?tag={quote(tag)}")["data"]}
     assert set(gallery_names(page)) == expected
     assert page.text_content("#gallery-count") == (f"{count} image" if count == 1 else f"{count} images")
 
@@ -150,7 +153,7 @@ def test_image_details_show_metadata_tags_and_a_caption(page, server: Server) ->
     assert page.text_content("#detail-title") == "harbour.jpg"
     meta = page.text_content("#detail-meta")
     assert "160 × 120 px" in meta and image["sha256"] in meta and f"#{image['id']}" in meta
-    tags = [t["tag"] for t in image["tags"]]  # type: ignore[index]
+    tags = [t["tag"] for t in image["tags"]]
     chips = page.locator("#detail-tags .chip").all_text_contents()
     assert [chip.rsplit(" ", 1)[0] for chip in chips] == tags
     page.wait_for_function("document.querySelector('#detail-img').naturalWidth === 160")
@@ -158,7 +161,7 @@ def test_image_details_show_metadata_tags_and_a_caption(page, server: Server) ->
     assert page.text_content("#detail-caption") == "none yet"
     page.click("#detail-caption-btn")
     page.wait_for_function("document.querySelector('#detail-caption-btn').textContent === 'Write again'")
-    stored = server.get(f"/images/{image['id']}")["caption"]  # type: ignore[index]
+    stored = server.get(f"/images/{image['id']}")["caption"]
     assert stored and page.text_content("#detail-caption") == stored
     screenshot(page, "image-detail")
 
@@ -200,7 +203,7 @@ def test_text_search_shows_results_with_scores(page, server: Server) -> None:
     page.fill("#search-q", "a dog on a beach")
     page.click("#text-search button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#search-results .thumb').length === 3")
-    expected = server.get("/search?q=a%20dog%20on%20a%20beach&top_k=20")["results"]  # type: ignore[index]
+    expected = server.get("/search?q=a%20dog%20on%20a%20beach&top_k=20")["results"]
     assert gallery_like(page, "#search-results") == [r["image"]["filename"] for r in expected]
     scores = [float(s) for s in page.locator("#search-results .score").all_text_contents()]
     assert scores == [round(r["score"], 3) for r in expected]
@@ -221,7 +224,7 @@ def test_search_by_a_dropped_picture_finds_the_same_picture_first(page, server: 
     assert gallery_like(page, "#search-results")[0] == "b.jpg"
     assert page.locator("#search-results .score").first.text_content() == "1.000"
     assert page.text_content("#search-summary") == "Pictures that look like query.jpg"
-    assert server.get("/images")["count"] == 3  # type: ignore[index]  # the query was not stored
+    assert server.get("/images")["count"] == 3  # the query was not stored
 
 
 def test_find_similar_from_an_image_lists_its_look_alikes(page, server: Server) -> None:
@@ -231,7 +234,7 @@ def test_find_similar_from_an_image_lists_its_look_alikes(page, server: Server) 
     page.click("#detail-similar")
     page.wait_for_selector("#view-search:not([hidden])")
     page.wait_for_function("document.querySelectorAll('#search-results .thumb').length === 2")
-    expected = server.get(f"/images/{images[0]['id']}/similar?top_k=20")["results"]  # type: ignore[index]
+    expected = server.get(f"/images/{images[0]['id']}/similar?top_k=20")["results"]
     assert gallery_like(page, "#search-results") == [r["image"]["filename"] for r in expected]
     assert "a.jpg" not in gallery_like(page, "#search-results")
     assert page.text_content("#search-summary") == "Images that look like a.jpg"
@@ -247,12 +250,12 @@ def test_clustering_job_completes_and_clusters_render_with_captions(page, server
     page.wait_for_selector("#cluster-job .job-text:has-text('succeeded')")
     page.wait_for_function("document.querySelectorAll('#clusters .cluster').length === 2")
     run = server.get("/clusters")  # the run the page shows is the latest one
-    assert page.text_content("#run-info strong").startswith(f"Run #{run['id']} · 2 clusters · 6 images")  # type: ignore[index]
+    assert page.text_content("#run-info strong").startswith(f"Run #{run['id']} · 2 clusters · 6 images")
     captions = page.locator("#clusters .cluster-caption").all_text_contents()
-    assert captions == [c["caption"] for c in run["clusters"]]  # type: ignore[index]
+    assert captions == [c["caption"] for c in run["clusters"]]
     assert all(captions)
     sizes = page.locator("#clusters .cluster > .muted").all_text_contents()
-    assert sizes == [f"{c['size']} image" + ("s" if c["size"] != 1 else "") for c in run["clusters"]]  # type: ignore[index]
+    assert sizes == [f"{c['size']} image" + ("s" if c["size"] != 1 else "") for c in run["clusters"]]
     page.wait_for_function("[...document.querySelectorAll('#clusters .reps img')].every(i => i.naturalWidth > 0)")
     screenshot(page, "clusters")
 
@@ -264,11 +267,11 @@ def test_clustering_job_completes_and_clusters_render_with_captions(page, server
     assert len(archive.namelist()) == 6
 
     # One cluster opened: its images, closest to the centre first.
-    first = run["clusters"][0]  # type: ignore[index]
+    first = run["clusters"][0]
     page.locator("#clusters .cluster button:has-text('Open cluster')").first.click()
     page.wait_for_selector("#cluster-detail:not([hidden])")
     page.wait_for_function(f"document.querySelectorAll('#cluster-images .thumb').length === {first['size']}")
-    members = server.get(f"/clusters/{run['id']}/0")["data"]  # type: ignore[index]
+    members = server.get(f"/clusters/{run['id']}/0")["data"]
     assert gallery_like(page, "#cluster-images") == [m["image"]["filename"] for m in members]
 
     # Deleting an image from the open cluster updates its count at once.
@@ -303,7 +306,7 @@ def test_group_pictures_without_storing_them(page, server: Server, tmp_path: Pat
     page.wait_for_function("document.querySelectorAll('#adhoc-results .adhoc-group').length === 2")
     shown = page.locator("#adhoc-results img").evaluate_all("imgs => imgs.map(i => i.alt)")
     assert sorted(shown) == [p.name for p in paths]
-    assert server.get("/images")["count"] == 0  # type: ignore[index]
+    assert server.get("/images")["count"] == 0
 
 
 def test_delete_removes_the_image_from_the_gallery(page, server: Server) -> None:
@@ -313,13 +316,13 @@ def test_delete_removes_the_image_from_the_gallery(page, server: Server) -> None
     page.click(f"#gallery .thumb[data-id='{images[1]['id']}']")
     page.click("#detail-delete")
     assert page.text_content("#detail-delete") == "Click again to delete"
-    assert server.get("/images")["count"] == 2  # type: ignore[index]  # one click alone deletes nothing
+    assert server.get("/images")["count"] == 2  # one click alone deletes nothing
     page.click("#detail-delete")
     page.wait_for_selector("#detail", state="hidden")
     page.wait_for_function("document.querySelectorAll('#gallery .thumb').length === 1")
     assert gallery_names(page) == ["keep.jpg"]
     assert page.locator(".toast.info").text_content().startswith("Deleted drop.jpg.")
-    assert [i["filename"] for i in server.get("/images")["data"]] == ["keep.jpg"]  # type: ignore[index]
+    assert [i["filename"] for i in server.get("/images")["data"]] == ["keep.jpg"]
 
 
 def test_folder_import_shows_progress_and_its_result(page, server: Server) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ml.captioner import BlipCaptioner
 from ml.embedder import ClipEmbedder
-from tests.tiny_models import build_tiny_blip
+from tests.tiny_models import build_tiny_blip, sub_config
 
 SPECIAL_TOKENS = ("[SEP]", "[CLS]", "[PAD]", "[DEC]", "[ENC]", "[MASK]", "[UNK]")
 SEP_TOKEN_ID = 102
@@ -62,7 +62,7 @@ def test_loads_from_a_local_directory(captioner: BlipCaptioner, blip_dir: Path) 
     assert captioner.device == "cpu"
     assert captioner.dtype == torch.float32
     assert (captioner.batch_size, captioner.max_new_tokens) == (2, 30)
-    assert captioner.model.config.text_config.vocab_size == len(captioner.processor.tokenizer) == 30524
+    assert sub_config(captioner.model.config, "text_config").vocab_size == len(captioner.processor.tokenizer) == 30524
 
 
 def test_missing_or_empty_model_directory_fails_to_load(tmp_path: Path) -> None:
@@ -111,7 +111,8 @@ def test_captions_are_deterministic_and_independent_of_batching(captioner: BlipC
 def test_padding_of_finished_captions_does_not_leak(early_stopper: BlipCaptioner) -> None:
     batch = images(6)
     token_ids = early_stopper.model.generate(pixel_values=early_stopper.preprocess(batch), max_new_tokens=30)
-    lengths = {int((row != early_stopper.model.config.text_config.pad_token_id).sum()) for row in token_ids}
+    pad = sub_config(early_stopper.model.config, "text_config").pad_token_id
+    lengths = {int((row != pad).sum()) for row in token_ids}
     assert len(lengths) > 1, "precondition: captions should end at different lengths; retune EARLY_STOP_SEP_BIAS"
     together = early_stopper.caption_images(batch)
     assert together == [early_stopper.caption_images([image])[0] for image in batch]

@@ -290,7 +290,7 @@ def bad(**changes: object) -> dict[str, object]:
 )
 def test_invalid_input_raises_clustering_error(arguments: dict[str, object]) -> None:
     with pytest.raises(ClusteringError) as caught:
-        cluster_vectors(**arguments)  # type: ignore[arg-type]
+        cluster_vectors(**arguments)  # type: ignore[arg-type]  # wrong types on purpose
     assert isinstance(caught.value, ValueError)
     message = str(caught.value)
     assert message[0].isalpha() and message.endswith(".")

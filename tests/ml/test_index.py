@@ -165,13 +165,13 @@ def test_growing_past_the_threshold_switches_layout_keeping_changes_made_during_
     assert not index.approximate and index.needs_relayout()
     build = index._build
 
-    def build_while_others_write(ids: np.ndarray, vecs: np.ndarray):  # type: ignore[no-untyped-def]
+    def build_while_others_write(ids: np.ndarray, vecs: np.ndarray):
         index.add(np.arange(1000, 1200), vectors[1000:])  # an upload lands mid-build
         index.remove(np.arange(0, 10))  # and a delete
         assert not index.approximate  # the old index still serves meanwhile
         return build(ids, vecs)
 
-    index._build = build_while_others_write  # type: ignore[method-assign]
+    index._build = build_while_others_write  # type: ignore[method-assign,assignment]  # instrumenting one instance
     assert index.relayout()
     assert index.approximate and not index.needs_relayout()
     assert sorted(index.ids()) == list(range(10, 1200))

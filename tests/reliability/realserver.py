@@ -33,7 +33,7 @@ def real_server(storage: Path, clip: Path, **settings: str) -> Iterator[RunningS
     try:
         with ExitStack() as stack:
             try:
-                server = stack.enter_context(serve(storage, clip, timeout=STARTUP_SECONDS, **settings))
+                server = stack.enter_context(serve(storage, clip, timeout=STARTUP_SECONDS, settings=settings))
             except RuntimeError as exc:  # it did not start; the message ends with its log
                 pytest.fail(str(exc))
             yield server  # leaving the stack terminates it (a no-op when it was killed)

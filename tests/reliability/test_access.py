@@ -168,8 +168,9 @@ def test_key_maker_prints_a_key_and_the_entry_that_opens_its_collection() -> Non
     out = subprocess.run(
         [sys.executable, "-m", "backend.apikeys", "new", "carol"], capture_output=True, text=True, check=True
     ).stdout
-    key = re.search(r"^key .*?:\s+(\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
-    entry = re.search(r"API_KEYS .*?:\s+(\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    key_line, entry_line = re.search(r"^key .*?:\s+(\S+)$", out, re.M), re.search(r"API_KEYS .*?:\s+(\S+)$", out, re.M)
+    assert key_line is not None and entry_line is not None, out
+    key, entry = key_line.group(1), entry_line.group(1)
     assert key not in entry
     assert apikeys.collection_for([apikeys.parse_entry(entry)], key) == "carol"
     bad = subprocess.run([sys.executable, "-m", "backend.apikeys", "new", "Bad Name"], capture_output=True)

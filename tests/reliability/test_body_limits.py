@@ -140,7 +140,11 @@ def test_real_server_answers_413_without_waiting_for_the_body(
     storage = tmp_path / "storage"
     limit = 100_000
     with serve(
-        storage, tiny_clip_dir, tiny_blip_dir, timeout=120, MAX_REQUEST_BYTES=str(limit), EXECUTOR_WORKERS="2"
+        storage,
+        tiny_clip_dir,
+        tiny_blip_dir,
+        timeout=120,
+        settings={"MAX_REQUEST_BYTES": str(limit), "EXECUTOR_WORKERS": "2"},
     ) as server:
         start = (
             f"POST /images HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"

@@ -56,12 +56,11 @@ IMPORT_FILES = 150
 
 def _requests(seeds: list[int]) -> list[list[int]]:
     """The seeds grouped into requests of 1, 2 or 3 files."""
-    groups, it = [], iter(seeds)
-    for size in itertools.cycle((1, 2, 3)):
-        group = list(itertools.islice(it, size))
-        if not group:
-            return groups
+    groups: list[list[int]] = []
+    it = iter(seeds)
+    while group := list(itertools.islice(it, len(groups) % 3 + 1)):
         groups.append(group)
+    return groups
 
 
 async def _upload(client: httpx.AsyncClient, images: dict[int, bytes], group: list[int]) -> dict[int, int]:
@@ -349,5 +348,6 @@ def test_kill_9_during_index_save_leaves_the_old_or_the_new_index(tmp_path: Path
         assert which is not None, f"attempt {attempt}: the index holds {len(ids)} ids, neither old nor new"
         seen[which] += 1
         first = int(ids[0])
-        assert loaded.search(vectors[first], 1)[0][0] == (first, pytest.approx(1.0, abs=1e-5))
+        found, score = loaded.search(vectors[first], 1)[0][0]
+        assert found == first and score == pytest.approx(1.0, abs=1e-5)
     assert killed_mid_write >= 4, "the kills should land while a temp file is being written"

@@ -62,7 +62,9 @@ def fuzz_server(
     }
     with contextlib.ExitStack() as stack:
         try:
-            server = stack.enter_context(serve(root / "storage", tiny_clip_dir, tiny_blip_dir, timeout=120, **settings))
+            server = stack.enter_context(
+                serve(root / "storage", tiny_clip_dir, tiny_blip_dir, timeout=120, settings=settings)
+            )
         except RuntimeError as exc:  # its message ends with the server's log
             pytest.fail(str(exc))
         with httpx.Client(base_url=server.base, timeout=60) as http:

@@ -78,14 +78,14 @@ class AppThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT)
 
     async def _open(self, app: AbstractAsyncContextManager[httpx.AsyncClient]) -> httpx.AsyncClient:
-        self._stop = asyncio.Event()
+        self._stop = stop = asyncio.Event()
         ready: asyncio.Future[httpx.AsyncClient] = asyncio.get_running_loop().create_future()
 
         async def host() -> None:
             try:
                 async with app as client:
                     ready.set_result(client)
-                    await self._stop.wait()  # type: ignore[union-attr]
+                    await stop.wait()
             except BaseException as exc:
                 if ready.done():
                     raise
@@ -262,7 +262,7 @@ class StoresAgree(RuleBasedStateMachine):
 
         async with ctx.sessions() as session:
             rows = (await session.exec(select(Image))).all()
-        in_db = {row.id for row in rows}
+        in_db = {row.id for row in rows if row.id is not None}
         in_index = {int(i) for i in await ctx.index.ids()}
         listed: list[int] = []
         offset = 0
@@ -282,6 +282,7 @@ class StoresAgree(RuleBasedStateMachine):
 
         wanted_files = set()
         for row in rows:
+            assert row.id is not None
             sha = hashlib.sha256(make_image_bytes(self.live[row.id])).hexdigest()
             assert row.sha256 == sha, f"row {row.id} is not named by the hash of the bytes sent"
             assert row.storage_key == f"originals/{sha[:2]}/{sha}.jpg", row.storage_key

@@ -1,0 +1,248 @@
+"""`image-organizer`: what an operator does from a shell.
+
+`serve` starts the service. The other commands work on the collection's storage directly, in this process,
+through the same services the API uses; in the embedded mode (SQLite, the index in the server's memory)
+they refuse to run while a server holds the same STORAGE_ROOT, since the two would keep diverging indexes.
+Settings come from the environment and `.env`, as for the service. Exit status: 0 done, 1 the work failed
+or found problems, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from backend import apikeys
+from backend.apikeys import COLLECTION_NAME, DEFAULT_COLLECTION
+from backend.config import Settings
+from backend.context import AppContext
+from backend.errors import DomainError
+
+log = logging.getLogger("backend.cli")
+
+
+class CommandError(Exception):
+    """A failure to report in one line, with the exit status it calls for."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="image-organizer",
+        description="Self-hosted image organizer: serve the API, or work on a collection from the shell.",
+        epilog="Settings come from the environment and .env (see .env.example). Run `image-organizer COMMAND "
+        "--help` for a command's options.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and results")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the service (what run.sh starts)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+
+    def with_collection(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument(
+            "--collection",
+            default=DEFAULT_COLLECTION,
+            help="the collection to work on (an API_KEYS collection name; default: the default collection)",
+        )
+        return command
+
+    imports = with_collection(commands.add_parser("import", help="import a folder of images into the collection"))
+    imports.add_argument("path", type=Path, help="the folder (its images are copied into the collection)")
+    imports.add_argument("--no-recursive", dest="recursive", action="store_false", help="skip sub-folders")
+
+    reindex = with_collection(commands.add_parser("reindex", help="re-embed images with the current CLIP model"))
+    reindex.add_argument("--all", action="store_true", help="every image, not only those another model embedded")
+
+    export = with_collection(commands.add_parser("export", help="write a clustering run as folders on disk"))
+    export.add_argument("run_id", type=int, metavar="RUN_ID", help="the run's id (GET /clusters shows it)")
+    export.add_argument("--to", type=Path, required=True, metavar="DIR", help="a new or empty folder")
+
+    check = with_collection(commands.add_parser("check", help="compare the database, the files and the index"))
+    check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    new_key = key_commands.add_parser("new", help="make a key for a collection and print its API_KEYS entry")
+    new_key.add_argument("name", help="the collection the key opens (1-64 of a-z, 0-9, _ and -)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "keys":
+            return _new_key(args.name)
+        settings = _settings()
+        if args.command == "serve":
+            return _serve(settings, args.host, args.port)
+        if getattr(args, "collection", DEFAULT_COLLECTION) and not COLLECTION_NAME.match(args.collection):
+            raise CommandError(f"collection name {args.collection!r} must be 1-64 of a-z, 0-9, _ and -", 2)
+        return asyncio.run(_COMMANDS[args.command](settings, args))
+    except CommandError as exc:
+        print(f"image-organizer: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("image-organizer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"invalid settings: {problems}", 2) from exc
+
+
+def _new_key(name: str) -> int:
+    if not COLLECTION_NAME.match(name):
+        raise CommandError(f"collection name {name!r} must be 1-64 of a-z, 0-9, _ and -", 2)
+    apikeys.print_new_key(name)
+    return 0
+
+
+def _serve(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from backend.collections import StorageBusy, StorageLock
+    from backend.main import create_app
+
+    lock = StorageLock(settings.storage_root)
+    try:  # a clear message now; the service itself takes the lock when it starts
+        lock.acquire()
+    except StorageBusy as exc:
+        raise CommandError(str(exc)) from exc
+    lock.release()
+
+    print(f"starting on http://{host}:{port} (Swagger UI at /docs)", file=sys.stderr)
+    # One worker: in the embedded mode the FAISS index lives in this process's memory.
+    uvicorn.run(create_app(settings), host=host, port=port, workers=1)
+    return 0
+
+
+@asynccontextmanager
+async def _open(settings: Settings, name: str, *, maintain: bool = True) -> AsyncIterator[AppContext]:
+    """One collection opened in this process, with the shared parts it needs; closed (and saved) on exit."""
+    from transformers.utils import logging as transformers_logging
+
+    from backend.collections import StorageBusy, open_runtime
+
+    transformers_logging.disable_progress_bar()  # one bar per command: the job's
+    try:
+        # CLIP loads when a command needs it, not on principle.
+        async with open_runtime(settings.model_copy(update={"clip_preload": False})) as collections:
+            yield await collections.get(name, maintain=maintain)
+    except StorageBusy as exc:
+        raise CommandError(str(exc)) from exc
+    except DomainError as exc:
+        raise CommandError(exc.detail) from exc
+
+
+async def _follow(ctx: AppContext, job_id: str, unit: str) -> dict[str, Any]:
+    """Show a job's progress as a bar until it ends; Ctrl-C cancels it. Its result, or CommandError."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    try:
+        while True:
+            job = await ctx.jobs.get(job_id)
+            if job.message and bar.desc != job.message:
+                bar.set_description(job.message)
+            if job.progress_total is not None and bar.total != job.progress_total:
+                bar.reset(total=job.progress_total)
+            bar.n = job.progress_done
+            bar.refresh()
+            if job.status in ("succeeded", "failed", "cancelled"):
+                break
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                with contextlib.suppress(DomainError):
+                    await ctx.jobs.cancel(job_id)
+                await ctx.jobs.wait(job_id)
+                raise
+    finally:
+        bar.close()
+    if job.status != "succeeded":
+        raise CommandError(f"the {job.kind} job {job.status}: {job.error or 'cancelled'}")
+    return job.result or {}
+
+
+async def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.services.importer import start_import
+
+    async with _open(settings, args.collection) as ctx:
+        try:
+            folder = args.path.expanduser().absolute()
+            job = await start_import(ctx, str(folder), recursive=args.recursive, roots=[folder.resolve()])
+        except DomainError as exc:
+            raise CommandError(exc.detail) from exc
+        result = await _follow(ctx, job.id, "files")
+    print(
+        f"imported {result['created']} new images, {result['duplicates']} already stored, "
+        f"{result['failed']} failed, {result['skipped']} other files skipped"
+    )
+    for failure in result.get("failures", [])[:20]:
+        print(f"  failed: {failure['path']}: {failure['detail']}")
+    return 1 if result["failed"] and not (result["created"] or result["duplicates"]) else 0
+
+
+async def _reindex(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.services.reindex import start_reindex
+
+    async with _open(settings, args.collection) as ctx:
+        try:
+            job = await start_reindex(ctx, all_images=args.all)
+        except DomainError as exc:
+            raise CommandError(exc.detail) from exc
+        result = await _follow(ctx, job.id, "images")
+    print(f"re-embedded {result['reembedded']} images with {result['model']}, {result['failed']} failed")
+    for failure in result.get("failures", [])[:20]:
+        print(f"  failed: image {failure['image_id']}: {failure['detail']}")
+    return 1 if result["failed"] else 0
+
+
+async def _export(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.services.export import export_to_folder
+
+    async with _open(settings, args.collection) as ctx:
+        try:
+            written, missing = await export_to_folder(ctx, args.run_id, args.to.expanduser().absolute())
+        except DomainError as exc:
+            raise CommandError(exc.detail) from exc
+    print(f"wrote {written} files into {args.to}" + (f" ({missing} deleted meanwhile, left out)" if missing else ""))
+    return 0
+
+
+async def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.services.maintenance import check_collection
+
+    async with _open(settings, args.collection, maintain=False) as ctx:
+        report = await check_collection(ctx, repair=args.repair)
+    for line in report.lines():
+        print(line)
+    return 0 if report.healthy else 1
+
+
+_COMMANDS = {"import": _import, "reindex": _reindex, "export": _export, "check": _check}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
