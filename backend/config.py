@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_files_per_request: int = Field(default=100, ge=1, le=1000)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
+    # Most memory one image may need while it is decoded, estimated from its size, mode and format before
+    # anything is decoded (8 bytes a pixel at most for the accepted modes: 0.8 GB at MAX_IMAGE_PIXELS).
+    max_decode_bytes: int = Field(default=1_000_000_000, ge=1)
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
 
     # Seconds between saves of the FAISS index after a change (it is also saved at shutdown).
@@ -85,6 +88,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Background jobs that run at the same time; the others wait in the queue.
     job_concurrency: int = Field(default=1, ge=1, le=16)
+    # Jobs that may wait in each collection's queue; past it a new job is refused (429 too_many_jobs). A job
+    # identical to one queued or running (same kind and parameters) is that job, not a new one.
+    job_queue_limit: int = Field(default=20, ge=1, le=10_000)
 
     @field_validator("api_keys", mode="before")
     @classmethod

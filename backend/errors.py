@@ -75,6 +75,12 @@ class Unprocessable(DomainError):
     code = "unprocessable"
 
 
+class Busy(DomainError):
+    """The operation is fine, but too much of its kind is waiting already: try again later."""
+
+    code = "busy"
+
+
 class Unavailable(DomainError):
     """Something the operation needs (a model, the service itself) is not available right now."""
 
@@ -108,6 +114,12 @@ class ImageTooLargeError(Unprocessable):
     code = "image_too_large"
 
 
+class ImageTooComplexError(Unprocessable):
+    """An image whose decoding would take far more work than its size suggests (a scan bomb)."""
+
+    code = "image_too_complex"
+
+
 class TooManyFilesError(InvalidInput):
     code = "too_many_files"
 
@@ -118,6 +130,12 @@ class MalformedMultipart(InvalidInput):
 
 class NoFileSent(InvalidParameter):
     code = "no_file"
+
+
+class ChangedFile(InvalidInput):
+    """A listed file that is not the same regular file when it is opened (replaced by a link, a FIFO...)."""
+
+    code = "file_changed"
 
 
 class UnreadableFile(InvalidInput):
@@ -201,6 +219,10 @@ class ModelUnavailableError(Unavailable):
     code = "model_unavailable"
 
 
+class TooManyJobs(Busy):
+    code = "too_many_jobs"
+
+
 class ShuttingDown(Unavailable):
     code = "shutting_down"
 
@@ -215,6 +237,7 @@ HTTP_STATUS: dict[type[DomainError], int] = {
     UnsupportedFormat: 415,
     InvalidParameter: 422,
     Unprocessable: 422,
+    Busy: 429,
     StorageFailure: 500,
     Unavailable: 503,
 }

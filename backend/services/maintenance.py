@@ -145,8 +145,10 @@ def _ids(ids: list[int], shown: int = 20) -> str:
     return listed + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-def _remake_thumbnail(store: FileStore, storage_key: str, thumbnail_key: str, size: int, max_pixels: int) -> None:
-    decoded = decode_image(store.path(storage_key), max_pixels, min_side=size)
+def _remake_thumbnail(
+    store: FileStore, storage_key: str, thumbnail_key: str, size: int, max_pixels: int, max_bytes: int
+) -> None:
+    decoded = decode_image(store.path(storage_key), max_pixels, min_side=size, max_bytes=max_bytes)
     store.write_atomic(thumbnail_key, make_thumbnail(decoded.rgb, size))
 
 
@@ -229,6 +231,7 @@ async def _repair(ctx: AppContext, report: CheckReport, thumbnails: list[tuple[i
                 thumbnail_key,
                 ctx.settings.thumbnail_size,
                 ctx.settings.max_image_pixels,
+                ctx.settings.max_decode_bytes,
             )
             made += 1
         except DomainError as exc:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from backend.errors import DomainError
 from backend.executor import Executor
-from backend.services.imaging import DECODE_MIN_SIDE, ImageInfo, decode_image, make_thumbnail
+from backend.services.imaging import DECODE_MIN_SIDE, MAX_DECODE_BYTES, ImageInfo, decode_image, make_thumbnail
 from ml.embedder import ClipEmbedder
 
 # A model's preprocessing: RGB images -> (n, 3, H, W) pixel tensor (CLIP's or BLIP's `preprocess`).
@@ -41,11 +41,12 @@ def prepare_image(
     *,
     preprocess: Preprocess,
     max_pixels: int,
+    max_bytes: int = MAX_DECODE_BYTES,
     min_side: int = DECODE_MIN_SIDE,
     thumbnail_size: int | None = None,
 ) -> PreparedImage:
     """Decode, check, thumbnail (when a size is given) and preprocess one file. Synchronous: runs in the executor."""
-    decoded = decode_image(path, max_pixels, min_side=min_side)
+    decoded = decode_image(path, max_pixels, min_side=min_side, max_bytes=max_bytes)
     thumbnail = make_thumbnail(decoded.rgb, thumbnail_size) if thumbnail_size else b""
     return PreparedImage(info=decoded.info, thumbnail=thumbnail, pixels=preprocess([decoded.rgb])[0])
 
@@ -60,9 +61,12 @@ def embed_prepared(embedder: ClipEmbedder, pixels: list[torch.Tensor]) -> np.nda
 class ImagePipeline:
     """Shared by every collection: it holds no data, only the executor, the limits and the forward-pass lock."""
 
-    def __init__(self, *, executor: Executor, max_pixels: int, thumbnail_size: int) -> None:
+    def __init__(
+        self, *, executor: Executor, max_pixels: int, thumbnail_size: int, max_bytes: int = MAX_DECODE_BYTES
+    ) -> None:
         self.executor = executor
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.thumbnail_size = thumbnail_size
         # One bulk forward pass at a time: two would split the cores between them and finish no sooner, while
         # the other executor worker can decode the next batch meanwhile.
@@ -83,6 +87,7 @@ class ImagePipeline:
                     path,
                     preprocess=preprocess,
                     max_pixels=self.max_pixels,
+                    max_bytes=self.max_bytes,
                     min_side=max(DECODE_MIN_SIDE, thumbnail_size or 0),
                     thumbnail_size=thumbnail_size,
                 )
