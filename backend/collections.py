@@ -97,7 +97,10 @@ def build_shared(settings: Settings) -> Shared:
         settings=settings,
         executor=executor,
         pipeline=ImagePipeline(
-            executor=executor, max_pixels=settings.max_image_pixels, thumbnail_size=settings.thumbnail_size
+            executor=executor,
+            max_pixels=settings.max_image_pixels,
+            thumbnail_size=settings.thumbnail_size,
+            max_bytes=settings.max_decode_bytes,
         ),
         clip=clip,
         blip=blip,
@@ -198,7 +201,7 @@ async def open_collection(
     engine = create_engine(url)
     await init_schema(engine)
     sessions = session_factory(engine)
-    jobs = JobService(sessions, concurrency=settings.job_concurrency)
+    jobs = JobService(sessions, concurrency=settings.job_concurrency, queue_limit=settings.job_queue_limit)
     if maintain:
         interrupted = await jobs.recover()
         if interrupted:

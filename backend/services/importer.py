@@ -6,13 +6,16 @@ symlinks resolved, the result inside one of the configured roots and outside STO
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 from backend.context import AppContext
 from backend.errors import (
+    ChangedFile,
     DomainError,
     ImportPathNotFound,
     ImportPathRefused,
@@ -22,8 +25,8 @@ from backend.errors import (
 )
 from backend.models import Job
 from backend.services.captions import caption_stored
-from backend.services.jobs import JobHandle
-from backend.services.storage import FileStore, IncomingFile, StagedFile
+from backend.services.jobs import JobCancelled, JobHandle
+from backend.services.storage import FileStore, IncomingFile, StagedFile, StagingWriter
 from backend.services.uploads import ingest_files
 
 # Files with these extensions are read; others are counted as skipped.
@@ -81,11 +84,22 @@ def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Pat
     return resolved
 
 
+@dataclass(frozen=True)
+class ListedFile:
+    """A file found in the folder: the path it was listed under, where it resolved, and which file that was
+    (device and inode), so that what is opened later is checked to be the very file that was checked."""
+
+    path: Path
+    real: Path
+    device: int
+    inode: int
+
+
 def find_files(
     folder: Path, *, recursive: bool, roots: list[Path], storage_root: Path
-) -> tuple[list[Path], list[dict[str, str]], int]:
+) -> tuple[list[ListedFile], list[dict[str, str]], int]:
     """(image files to read, refused entries, skipped non-image files); sorted, symlinks checked. Synchronous."""
-    found: list[Path] = []
+    found: list[ListedFile] = []
     refused: list[dict[str, str]] = []
     skipped = 0
     for current, dirs, files in os.walk(folder, followlinks=False):
@@ -116,32 +130,88 @@ def find_files(
                     }
                 )
                 continue
-            if real.is_file():
-                found.append(path)
+            try:
+                status = os.stat(real, follow_symlinks=False)
+            except OSError:
+                refused.append({"path": str(path), "code": "unreadable", "detail": "the file cannot be read"})
+                continue
+            if stat.S_ISREG(status.st_mode):
+                found.append(ListedFile(path=path, real=real, device=status.st_dev, inode=status.st_ino))
     return found, refused, skipped
 
 
-def stage_file(store: FileStore, path: Path, max_bytes: int) -> StagedFile:
-    """Copy a file into tmp/ while hashing it, like an upload; synchronous."""
-    writer = store.open_staging(max_bytes)
+class FileCopy:
+    """Copies one listed file into tmp/ while hashing it, like an upload, a chunk per call (synchronous: each
+    call runs in the executor). The file is opened without following a link and without blocking (a FIFO
+    would wait for a writer forever), and must be the regular file that was listed: the path is checked
+    by what it leads to when it is opened, not only when the folder was listed."""
+
+    def __init__(self, store: FileStore, listed: ListedFile, max_bytes: int) -> None:
+        self._store, self._listed, self._max_bytes = store, listed, max_bytes
+        self._fd: int | None = None
+        self._writer: StagingWriter | None = None
+        self.abandoned = False
+
+    def open(self) -> None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(self._listed.real, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ChangedFile("the file was replaced by a link after the folder was listed") from exc
+            raise
+        status = os.fstat(self._fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ChangedFile("the file is no longer a regular file (a FIFO, a device...): it is not read")
+        if (status.st_dev, status.st_ino) != (self._listed.device, self._listed.inode):
+            raise ChangedFile("the file was replaced after the folder was listed")
+        self._writer = self._store.open_staging(self._max_bytes)
+
+    def copy_chunk(self) -> bool:
+        """Copy the next piece; False at the end of the file. Past MAX_UPLOAD_BYTES it is refused."""
+        assert self._fd is not None and self._writer is not None
+        chunk = os.read(self._fd, READ_CHUNK)
+        if self.abandoned:  # the job stopped waiting for this read: let go of everything
+            self.close()
+            return False
+        if not chunk:
+            return False
+        self._writer.write(chunk)
+        return True
+
+    def finish(self) -> StagedFile:
+        assert self._writer is not None
+        writer, self._writer = self._writer, None
+        self.close()
+        return writer.finish()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+async def _stage(ctx: AppContext, handle: JobHandle, listed: ListedFile) -> IncomingFile:
+    """One file into tmp/; a cancel stops it at once, even while a read hangs (the read is abandoned)."""
+    copy = FileCopy(ctx.store, listed, ctx.settings.max_upload_bytes)
     try:
-        with open(path, "rb") as source:
-            while chunk := source.read(READ_CHUNK):
-                writer.write(chunk)
-    except BaseException:
-        writer.abort()
+        await handle.unless_cancelled(ctx.executor.run(copy.open))
+        while await handle.unless_cancelled(ctx.executor.run(copy.copy_chunk)):
+            pass
+        staged = await ctx.executor.run(copy.finish)
+    except JobCancelled:
+        copy.abandoned = True  # a read still running closes the file when it returns
         raise
-    return writer.finish()
-
-
-async def _stage(ctx: AppContext, path: Path) -> IncomingFile:
-    try:
-        staged = await ctx.executor.run(stage_file, ctx.store, path, ctx.settings.max_upload_bytes)
     except DomainError as exc:
-        return IncomingFile(filename=path.name, error=exc)
+        await ctx.executor.run(copy.close)
+        return IncomingFile(filename=listed.path.name, error=exc)
     except OSError as exc:
-        return IncomingFile(filename=path.name, error=UnreadableFile(f"could not read: {exc.strerror}"))
-    return IncomingFile(filename=path.name, staged=staged)
+        await ctx.executor.run(copy.close)
+        return IncomingFile(filename=listed.path.name, error=UnreadableFile(f"could not read: {exc.strerror}"))
+    return IncomingFile(filename=listed.path.name, staged=staged)
 
 
 async def start_import(
@@ -184,18 +254,18 @@ async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool
         batch = paths[start : start + settings.embed_batch_size]
         incoming: list[IncomingFile] = []
         try:
-            for path in batch:
+            for listed in batch:
                 handle.checkpoint()  # a cancel stops before the next copy; staged files are removed below
-                incoming.append(await _stage(ctx, path))
+                incoming.append(await _stage(ctx, handle, listed))
             outcomes = await ingest_files(ctx, incoming)
         finally:
             for item in incoming:
                 if item.staged is not None:
                     await ctx.executor.run(ctx.store.discard, item.staged)  # a no-op once ingest moved it
-        for path, outcome in zip(batch, outcomes, strict=True):
+        for listed, outcome in zip(batch, outcomes, strict=True):
             if outcome.error is not None:
                 counts["failed"] += 1
-                failures.append({"path": str(path), "code": outcome.error.code, "detail": outcome.error.detail})
+                failures.append({"path": str(listed.path), "code": outcome.error.code, "detail": outcome.error.detail})
             elif outcome.duplicate:
                 counts["duplicates"] += 1
             else:

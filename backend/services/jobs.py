@@ -14,17 +14,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from backend.errors import DomainError, JobFinished, JobNotFound, ShuttingDown
+from backend.errors import DomainError, JobFinished, JobNotFound, ShuttingDown, TooManyJobs
 from backend.models import Job, JobKind, JobProgress, JobPublic, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINISHED = ("succeeded", "failed", "cancelled")
 # Progress is written to the database at most this often (readers of a live job see it at once).
@@ -48,6 +49,7 @@ class JobHandle:
         self._service = service
         self.job = job
         self._persisted_at = 0.0
+        self._cancelled = asyncio.Event()
         # What the job has done so far; kept as its result when it is cancelled or fails part-way.
         self.partial: dict[str, Any] | None = None
 
@@ -58,6 +60,26 @@ class JobHandle:
     def checkpoint(self) -> None:
         if self.job.cancel_requested:
             raise JobCancelled
+
+    def request_cancel(self) -> None:
+        self.job.cancel_requested = True
+        self._cancelled.set()
+
+    async def unless_cancelled(self, work: Awaitable[T]) -> T:
+        """Await `work`, or raise JobCancelled as soon as a cancel is requested, whichever comes first. For
+        steps that are safe to abandon (reading a file to stage it): a call in a thread that never returns
+        (a read on a dead share) then holds only its thread, not the job, its queue or the shutdown."""
+        self.checkpoint()
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not task.done():
+            task.cancel()
+            raise JobCancelled
+        return task.result()
 
     async def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress; also a checkpoint."""
@@ -78,7 +100,7 @@ JobFunc = Callable[[JobHandle], Awaitable[dict[str, Any]]]
 
 
 class JobService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], concurrency: int = 1) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], concurrency: int = 1, queue_limit: int = 20) -> None:
         self._sessions = sessions
         self._slots = asyncio.Semaphore(concurrency)
         # Clustering has a lane of its own: it takes seconds, and GET /clusters waits for it, so it must
@@ -87,6 +109,8 @@ class JobService:
         self._lanes = {"cluster": asyncio.Semaphore(1)}
         self._live: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._handles: dict[str, JobHandle] = {}
+        self._queue_limit = queue_limit
         self._closing = False
 
     async def recover(self) -> int:
@@ -101,18 +125,34 @@ class JobService:
         return int(result.rowcount or 0)
 
     async def submit(self, kind: str, params: dict[str, Any], func: JobFunc) -> Job:
+        """Queue a job; the same kind with the same parameters already queued or running is that job (twenty
+        identical requests start one re-embedding, not twenty). TooManyJobs past the queue's limit."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
+        for live in self._live.values():
+            if (
+                live.kind == kind
+                and live.params == params
+                and live.status not in FINISHED
+                and not live.cancel_requested
+            ):
+                return _detached(live)
+        queued = sum(live.status == "queued" for live in self._live.values())
+        if queued >= self._queue_limit:
+            raise TooManyJobs(
+                f"{queued} jobs are waiting already (JOB_QUEUE_LIMIT): wait for some to finish, or cancel some"
+            )
         job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
         await self._save(job)
         self._live[job.id] = job
+        self._handles[job.id] = JobHandle(self, job)
         self._tasks[job.id] = asyncio.create_task(self._run(job, func), name=f"job-{kind}-{job.id[:8]}")
         return _detached(job)
 
     async def _run(self, job: Job, func: JobFunc) -> None:
         result: dict[str, Any] | None = None
         error: str | None = None
-        handle = JobHandle(self, job)
+        handle = self._handles[job.id]
         try:
             async with self._lanes.get(job.kind, self._slots):
                 if job.cancel_requested:
@@ -155,6 +195,7 @@ class JobService:
         finally:
             self._live.pop(job.id, None)
             self._tasks.pop(job.id, None)
+            self._handles.pop(job.id, None)
 
     async def _save(self, job: Job) -> None:
         async with self._sessions() as session:
@@ -194,6 +235,9 @@ class JobService:
         if live is None or live.status in FINISHED:
             job = live or await self.get(job_id)
             raise JobFinished(f"job {job_id} has finished already ({job.status})")
+        handle = self._handles.get(job_id)
+        if handle is not None:
+            handle.request_cancel()  # also wakes a job waiting in `unless_cancelled`
         live.cancel_requested = True
         task = self._tasks.get(job_id)
         if live.status == "queued" and task is not None:
@@ -206,6 +250,7 @@ class JobService:
                 await asyncio.shield(self._save(live))
                 self._live.pop(job_id, None)
                 self._tasks.pop(job_id, None)
+                self._handles.pop(job_id, None)
         else:
             await self._save(live)
         return _detached(live)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -151,34 +151,96 @@ async def test_bad_import_bodies_are_422(importer: httpx.AsyncClient, body: dict
     assert response.status_code == 422
 
 
-async def test_a_cancelled_import_keeps_what_it_stored(
-    run_app: AppRunner, roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The second file's copy waits until the test has asked for the cancel.
+@pytest.fixture
+def hanging_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[Path]]]:
+    """The second file an import opens hangs in its first read (as on a dead network share) until the test
+    releases it; the paths opened, in order."""
     reached, release = threading.Event(), threading.Event()
-    real_stage = importer_service.stage_file
-    staged: list[Path] = []
+    opened: list[Path] = []
+    real_open, real_copy = importer_service.FileCopy.open, importer_service.FileCopy.copy_chunk
 
-    def stage(store, path, max_bytes):
-        staged.append(path)
-        if len(staged) == 2:
+    def open_(copy: importer_service.FileCopy) -> None:
+        opened.append(copy._listed.path)
+        real_open(copy)
+
+    def copy_chunk(copy: importer_service.FileCopy) -> bool:
+        if len(opened) == 2 and not release.is_set():
             reached.set()
-            release.wait(30)
-        return real_stage(store, path, max_bytes)
+            release.wait(60)
+        return real_copy(copy)
 
-    monkeypatch.setattr(importer_service, "stage_file", stage)
+    monkeypatch.setattr(importer_service.FileCopy, "open", open_)
+    monkeypatch.setattr(importer_service.FileCopy, "copy_chunk", copy_chunk)
+    try:
+        yield reached, opened
+    finally:
+        release.set()
+
+
+async def test_a_cancel_stops_an_import_at_once_even_while_a_read_hangs(
+    run_app: AppRunner, roots: dict[str, Path], hanging_read: tuple[threading.Event, list[Path]]
+) -> None:
+    reached, opened = hanging_read
     async with run_app(import_roots=[roots["root"]], embed_batch_size=1) as client:
         job = (await start(client, roots["root"])).json()
         assert await asyncio.to_thread(reached.wait, 30)
         response = await client.delete(f"/jobs/{job['id']}")
-        assert response.status_code == 202 and response.json()["cancel_requested"]
-        release.set()
-        finished = await wait_job(client, job["id"])
+        # 200 when it stopped before the answer was written, 202 when it is stopping: at once, either way.
+        assert response.status_code in (200, 202) and response.json()["cancel_requested"]
+        finished = await wait_job(client, job["id"], timeout=10)  # the read is still hanging
         assert finished["status"] == "cancelled"
-        # The batch under way when the cancel came was finished; nothing after it was read.
-        assert len(staged) == 2
-        assert (await client.get("/images")).json()["count"] == 2
-        # The result tells what the import did before it stopped.
-        assert (finished["result"]["created"], finished["result"]["files_done"]) == (2, 2)
-        # What was stored is whole: every listed image is searchable.
-        assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == 2
+        assert len(opened) == 2  # nothing after the hung file was opened
+        # What was stored before is whole and searchable; the result tells what the import did.
+        assert (finished["result"]["created"], finished["result"]["files_done"]) == (1, 1)
+        assert (await client.get("/images")).json()["count"] == 1
+        assert (await client.get("/search", params={"q": "x", "top_k": 10})).json()["count"] == 1
+        # The collection's queue moves on: the next job runs.
+        following = (await client.post("/reindex", params={"all": "true"})).json()
+        assert (await wait_job(client, following["id"], timeout=30))["status"] == "succeeded"
+
+
+async def test_shutdown_is_bounded_while_a_read_hangs(
+    run_app: AppRunner,
+    roots: dict[str, Path],
+    hanging_read: tuple[threading.Event, list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import backend.executor
+
+    monkeypatch.setattr(backend.executor, "SHUTDOWN_GRACE_SECONDS", 1.0)
+    reached, _ = hanging_read
+    app = run_app(import_roots=[roots["root"]], embed_batch_size=1)
+    client = await app.__aenter__()
+    job = (await start(client, roots["root"])).json()
+    assert await asyncio.to_thread(reached.wait, 30)
+    # Leaving the app runs the whole shutdown; with the read still hanging it must end anyway.
+    await asyncio.wait_for(app.__aexit__(None, None, None), timeout=30)
+    async with run_app(import_roots=[roots["root"]]) as again:
+        assert (await again.get(f"/jobs/{job['id']}")).json()["status"] == "failed"  # recorded, not running
+
+
+async def test_a_listed_file_replaced_by_a_link_or_a_fifo_is_not_read(
+    run_app: AppRunner, roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path is checked by what it leads to when it is opened: a file swapped for a link to a file outside
+    the roots, or for a FIFO, after the folder was listed, is refused alone and the import goes on."""
+    root = roots["root"]
+    real_find = importer_service.find_files
+
+    def find_then_swap(*args, **kwargs):
+        listed = real_find(*args, **kwargs)
+        (root / "a.jpg").unlink()
+        (root / "a.jpg").symlink_to(roots["outside"] / "secret.jpg")
+        (root / "b.png").unlink()
+        os.mkfifo(root / "b.png")
+        return listed
+
+    monkeypatch.setattr(importer_service, "find_files", find_then_swap)
+    async with run_app(import_roots=[root]) as client:
+        job = await wait_job(client, (await start(client, root)).json()["id"], timeout=60)
+        assert job["status"] == "succeeded", job
+        refused = {Path(f["path"]).name: f["code"] for f in job["result"]["failures"]}
+        assert refused["a.jpg"] == refused["b.png"] == "file_changed"
+        assert job["result"]["created"] == 2  # c.webp and d.JPG
+        names = {image["filename"] for image in (await client.get("/images")).json()["data"]}
+        assert names == {"c.webp", "d.JPG"}

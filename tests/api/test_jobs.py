@@ -84,8 +84,8 @@ async def test_cancel_a_queued_job_at_once(run_app: AppRunner) -> None:
     async with run_app(job_concurrency=1) as client:
         gate = asyncio.Event()
         jobs = app_context(client).jobs
-        first = await jobs.submit("import", {}, gated_job(gate))
-        second = await jobs.submit("import", {}, gated_job(gate))
+        first = await jobs.submit("import", {"path": "/first"}, gated_job(gate))
+        second = await jobs.submit("import", {"path": "/second"}, gated_job(gate))
         response = await client.delete(f"/jobs/{second.id}")
         assert response.status_code == 200
         assert response.json()["status"] == "cancelled"
@@ -194,3 +194,28 @@ async def test_a_job_that_finished_as_the_service_stops_keeps_its_result(
     async with run_app() as client:
         answer = (await client.get(f"/jobs/{job.id}")).json()
     assert (answer["status"], answer["result"], answer["error"]) == ("succeeded", {"done": True}, None), answer
+
+
+async def test_identical_jobs_are_merged_and_the_queue_is_bounded(run_app: AppRunner) -> None:
+    """Twenty identical requests start one job; past JOB_QUEUE_LIMIT waiting jobs, a new one is refused."""
+    async with run_app(job_concurrency=1, job_queue_limit=3) as client:
+        await upload_many(client, 2)
+        gate = asyncio.Event()
+        jobs = app_context(client).jobs
+        running = await jobs.submit("import", {"path": "/busy"}, gated_job(gate))
+        answers = [await client.post("/reindex", params={"all": "true"}) for _ in range(20)]
+        assert {a.status_code for a in answers} == {202}
+        assert len({a.json()["id"] for a in answers}) == 1  # one re-embedding, not twenty
+        reindex = answers[0].json()["id"]
+        for n in range(2):
+            await jobs.submit("import", {"path": f"/queued-{n}"}, gated_job(gate))
+        refused = await client.post("/reindex")  # other parameters: a fourth waiting job
+        assert refused.status_code == 429 and refused.json()["code"] == "too_many_jobs"
+        listed = (await client.get("/jobs", params={"kind": "reindex"})).json()
+        assert listed["count"] == 1
+        gate.set()
+        assert (await wait_job(client, running.id))["status"] == "succeeded"
+        assert (await wait_job(client, reindex))["status"] == "succeeded"
+        # Once it has finished, the same request starts a new job.
+        again = await client.post("/reindex", params={"all": "true"})
+        assert again.status_code == 202 and again.json()["id"] != reindex
