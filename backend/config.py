@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.apikeys import KeyEntry, parse_entry
@@ -80,7 +80,12 @@ class Settings(BaseSettings):
     # Folders POST /images/import may read from (comma-separated); empty disables folder import.
     import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Browser origins allowed to call the API (comma-separated, or * for any); empty = same origin only.
+    # `null` (pages opened from disk, but also sandboxed frames of any site) needs API_KEYS.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Names the service answers to in the Host header (comma-separated; *.example.org for subdomains, * for
+    # any). A request naming another host is refused, which defeats DNS rebinding. Behind a reverse proxy
+    # or on the LAN, list the names and addresses clients use.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
     # API keys, as comma-separated `collection:sha256-of-key` entries (python -m backend.apikeys new NAME
     # makes one). Empty: no key is needed and everything is in the `default` collection. Otherwise every
     # route but /health, the page and the API docs needs an X-API-Key header, and each key sees only its
@@ -102,7 +107,7 @@ class Settings(BaseSettings):
             return entries
         return value
 
-    @field_validator("tag_vocabulary", "cors_origins", "import_roots", mode="before")
+    @field_validator("tag_vocabulary", "cors_origins", "import_roots", "allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split(value) if isinstance(value, str) else value
@@ -118,6 +123,15 @@ class Settings(BaseSettings):
                 # The same key cannot open two collections: one of the two would silently become unreachable.
                 raise ValueError(f"API_KEYS lists one key's digest for both {other!r} and {entry.collection!r}")
         return value
+
+    @model_validator(mode="after")
+    def _null_origin_needs_keys(self) -> "Settings":
+        if "null" in self.cors_origins and not self.api_keys:
+            raise ValueError(
+                "CORS_ORIGINS=null admits pages opened from disk, and sandboxed frames of any web site too: set "
+                "API_KEYS as well, so only a page with a key can use the API"
+            )
+        return self
 
     @property
     def key_entries(self) -> list[KeyEntry]:

@@ -15,7 +15,12 @@ from backend.collections import open_runtime
 from backend.config import Settings, get_settings
 from backend.deps import get_context
 from backend.errors import install_error_handlers
-from backend.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware, SecurityHeadersMiddleware
+from backend.middleware import (
+    BodySizeLimitMiddleware,
+    JsonCORSMiddleware,
+    SecurityHeadersMiddleware,
+    SiteGuardMiddleware,
+)
 from backend.models import ErrorBody, Responses
 from backend.routers import clusters, health, images, jobs, maps, page, reindex, search, tags
 
@@ -57,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SiteGuardMiddleware, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.cors_origins)
     app.state.key_entries = settings.key_entries  # parsed once: get_context reads them on every request
     app.add_middleware(SecurityHeadersMiddleware, vary_on_key=bool(app.state.key_entries))
     if settings.cors_origins:

@@ -99,6 +99,86 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, with_headers)
 
 
+class SiteGuardMiddleware:
+    """Who may ask at all, judged before anything runs.
+
+    - **The Host header** must name this service (`ALLOWED_HOSTS`, loopback names by default): a page on
+      another site that rebinds its DNS name to 127.0.0.1 sends its own name, and gets 400
+      `host_not_allowed` instead of the collection.
+    - **State-changing requests** (every method but GET, HEAD, OPTIONS) whose `Origin` is neither this
+      service's own nor listed in `CORS_ORIGINS` get 403 `cross_site_refused`: a browser sends a multipart
+      upload or a bodiless POST cross-site without a preflight, and it would be executed.
+    - **Reads from another site** (`Sec-Fetch-Site: cross-site`, which browsers set on every request) are
+      refused the same way unless their `Origin` is allowed, so no foreign page can make the service work
+      (`GET /clusters?refresh=true`) or read through an `<img>`; following a link to the page or the API
+      docs from another site still works. Clients that are not browsers (curl, scripts) send neither
+      header and are unaffected.
+    """
+
+    SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+    NAVIGABLE = ("/", "/docs", "/redoc", "/openapi.json")
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], allowed_origins: list[str]) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {host.lower() for host in allowed_hosts if not host.startswith("*.")}
+        self.host_suffixes = tuple(host.lower()[1:] for host in allowed_hosts if host.startswith("*."))
+        self.any_origin = "*" in allowed_origins
+        self.origins = {origin.lower() for origin in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not self._host_allowed(host):
+            response = error_response(
+                400, "the Host header does not name this service (ALLOWED_HOSTS)", "host_not_allowed"
+            )
+            await response(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        cross_site = headers.get("sec-fetch-site") == "cross-site"
+        method = scope["method"]
+        foreign = origin is not None and not self._origin_allowed(origin, host)
+        if origin is None and cross_site:
+            navigation = headers.get("sec-fetch-mode") == "navigate" and method == "GET"
+            foreign = not (navigation and scope["path"] in self.NAVIGABLE)
+        if foreign and not (method == "OPTIONS" and origin is not None):  # preflights are CORS's to answer
+            response = error_response(
+                403,
+                "a request from another site is refused: call the API from the service's own page, from a page "
+                "whose origin is in CORS_ORIGINS, or from outside a browser",
+                "cross_site_refused",
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _host_allowed(self, host: str) -> bool:
+        if self.any_host:
+            return True
+        name = _hostname(host)
+        return name in self.hosts or (bool(name) and name.endswith(self.host_suffixes))
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        origin = origin.lower()
+        if origin in self.origins or (self.any_origin and origin != "null"):
+            return True
+        # The service's own origin: scheme://host[:port] of this very request.
+        _, sep, netloc = origin.partition("://")
+        return bool(sep) and netloc == host.lower()
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8000` -> `::1`, `Photos.local:80` -> `photos.local`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", []):
         if name == b"content-length":

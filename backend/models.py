@@ -189,11 +189,11 @@ class IndexHealth(BaseModel):
 
 
 class ModelHealth(BaseModel):
-    name: str
+    name: str | None = Field(description="Hub id or directory; null without a valid key when keys are required.")
     device: str | None
     state: Literal["not_loaded", "loading", "loaded", "failed"]
     loaded: bool
-    error: str | None = None
+    error: str | None = Field(default=None, description="Why it failed to load (null without a valid key).")
 
 
 class Health(BaseModel):

@@ -61,7 +61,7 @@ def run_app(settings: Settings) -> AppRunner:
         app = create_app(settings.model_copy(update=overrides))
         async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
             transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
                 client.ctx = app.state.ctx  # type: ignore[attr-defined]  # for tests that look inside
                 yield client
 

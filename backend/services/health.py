@@ -28,16 +28,17 @@ async def service_health(default: AppContext, caller: AppContext | None) -> Heal
         images=images,
         stale_embeddings=stale,
         index=index,
-        model=_model_health(default.clip),
-        captioner=_model_health(default.blip),
+        model=_model_health(default.clip, detailed=caller is not None),
+        captioner=_model_health(default.blip, detailed=caller is not None),
     )
 
 
-def _model_health(loader: ModelLoader[Any]) -> ModelHealth:
+def _model_health(loader: ModelLoader[Any], *, detailed: bool) -> ModelHealth:
+    """The model's state; its name (a path, maybe) and load error only for a caller with access."""
     return ModelHealth(
-        name=loader.model_name,
+        name=loader.model_name if detailed else None,
         device=loader.device,
         state=loader.state,
         loaded=loader.state == "loaded",
-        error=loader.error,
+        error=loader.error if detailed else None,
     )

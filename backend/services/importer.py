@@ -59,9 +59,7 @@ def check_import_path(raw: str, *, roots: list[Path], storage_root: Path) -> Pat
         raise InvalidImportPath(f"{raw}: unknown user in `~`") from exc
     if not given.is_absolute():
         raise InvalidImportPath("the path must be absolute")
-    outside = ImportPathRefused(
-        f"{raw} is outside the import roots ({', '.join(map(str, roots))})", code="path_outside_roots"
-    )
+    outside = ImportPathRefused(f"{raw} is outside the import roots (IMPORT_ROOTS)", code="path_outside_roots")
     # Where the path leads is checked before whether it exists, so the answers say nothing about what
     # lies outside the roots (nor where a link there points).
     try:
@@ -96,9 +94,10 @@ class ListedFile:
 
 
 def find_files(
-    folder: Path, *, recursive: bool, roots: list[Path], storage_root: Path
+    folder: Path, *, recursive: bool, roots: list[Path], storage_root: Path, shown: Path | None = None
 ) -> tuple[list[ListedFile], list[dict[str, str]], int]:
-    """(image files to read, refused entries, skipped non-image files); sorted, symlinks checked. Synchronous."""
+    """(image files to read, refused entries, skipped non-image files); sorted, symlinks checked. Paths are
+    reported under `shown` (the folder as the caller named it), never under where a link led. Synchronous."""
     found: list[ListedFile] = []
     refused: list[dict[str, str]] = []
     skipped = 0
@@ -111,6 +110,7 @@ def find_files(
             continue
         for name in sorted(files):
             path = base / name
+            listed_as = str((shown or folder) / path.relative_to(folder))
             if name.startswith("."):
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -119,12 +119,12 @@ def find_files(
             try:
                 real = path.resolve(strict=True)
             except (OSError, RuntimeError):
-                refused.append({"path": str(path), "code": "unreadable", "detail": "broken link or unreadable file"})
+                refused.append({"path": listed_as, "code": "unreadable", "detail": "broken link or unreadable file"})
                 continue
             if not _inside(real, roots) or real.is_relative_to(storage_root):
                 refused.append(
                     {
-                        "path": str(path),
+                        "path": listed_as,
                         "code": "path_outside_roots",
                         "detail": "a link that leads outside the import roots",
                     }
@@ -133,10 +133,10 @@ def find_files(
             try:
                 status = os.stat(real, follow_symlinks=False)
             except OSError:
-                refused.append({"path": str(path), "code": "unreadable", "detail": "the file cannot be read"})
+                refused.append({"path": listed_as, "code": "unreadable", "detail": "the file cannot be read"})
                 continue
             if stat.S_ISREG(status.st_mode):
-                found.append(ListedFile(path=path, real=real, device=status.st_dev, inode=status.st_ino))
+                found.append(ListedFile(path=Path(listed_as), real=real, device=status.st_dev, inode=status.st_ino))
     return found, refused, skipped
 
 
@@ -225,16 +225,19 @@ async def start_import(
     await ctx.clip.get()  # unavailable now rather than a failed job when CLIP cannot load
 
     async def run(handle: JobHandle) -> dict[str, Any]:
-        return await _run(ctx, handle, folder, recursive, allowed)
+        return await _run(ctx, handle, folder, Path(raw_path).expanduser(), recursive, allowed)
 
-    return await ctx.jobs.submit("import", {"path": str(folder), "recursive": recursive}, run)
+    # The path as the caller gave it: where a link inside the roots leads is nobody's business but the job's.
+    return await ctx.jobs.submit("import", {"path": raw_path, "recursive": recursive}, run)
 
 
-async def _run(ctx: AppContext, handle: JobHandle, folder: Path, recursive: bool, roots: list[Path]) -> dict[str, Any]:
+async def _run(
+    ctx: AppContext, handle: JobHandle, folder: Path, shown: Path, recursive: bool, roots: list[Path]
+) -> dict[str, Any]:
     settings = ctx.settings
     await handle.progress(0, None, "listing files")
     paths, failures, skipped = await ctx.executor.run(
-        find_files, folder, recursive=recursive, roots=roots, storage_root=settings.storage_root
+        find_files, folder, recursive=recursive, roots=roots, storage_root=settings.storage_root, shown=shown
     )
     counts = {"created": 0, "duplicates": 0, "failed": len(failures)}
     created_ids: list[int] = []

@@ -98,7 +98,7 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
         "raw_path": b"/images",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", HEADERS["content-type"].encode()), (b"host", b"test")],
+        "headers": [(b"content-type", HEADERS["content-type"].encode()), (b"host", b"localhost")],
         "client": ("127.0.0.1", 1234),
         "server": ("test", 80),
     }
@@ -106,7 +106,9 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
         await manager.app(scope, receive, send)  # type: ignore[arg-type]  # plain dicts as ASGI messages
         assert sent[0]["status"] == 400
         assert not list((settings.storage_root / "tmp").iterdir())
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://localhost"
+        ) as client:
             assert (await client.get("/images")).json()["count"] == 0
 
 

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from backend.apikeys import digest_of
 from tests.browser.conftest import REPO_ROOT, Server, screenshot, write_images
 from tests.helpers import make_image_bytes
 
@@ -377,13 +378,25 @@ def test_errors_are_shown_in_plain_words(page, server: Server) -> None:
     screenshot(page, "errors")
 
 
-@pytest.mark.server_env(CORS_ORIGINS="null")
+FROM_DISK_KEY = "io_key-for-the-page-opened-from-disk"
+
+
+@pytest.mark.server_env(CORS_ORIGINS="null", API_KEYS=f"default:{digest_of(FROM_DISK_KEY)}")
 def test_page_opened_from_disk_talks_to_the_configured_service(browser, server: Server) -> None:
-    upload(server, {"far.jpg": 99})
+    """A page opened from disk has the origin `null`, which any sandboxed frame shares: the service admits it
+    only with API keys, and the page sends its key."""
+    stored = httpx.post(
+        server.base + "/images",
+        files={"file": ("far.jpg", make_image_bytes(99, size=(160, 120)), "image/jpeg")},
+        headers={"X-API-Key": FROM_DISK_KEY},
+    )
+    assert stored.status_code == 201, stored.text
     context = browser.new_context()
     page = context.new_page()
     page.goto((REPO_ROOT / "test.html").as_uri() + "?api=" + server.base)
     page.wait_for_selector("#health-dot.ok")
+    page.fill("#api-key", FROM_DISK_KEY)
+    page.click("#key-form button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#gallery .thumb').length === 1")
     assert gallery_names(page) == ["far.jpg"]
     assert page.input_value("#api-base") == server.base

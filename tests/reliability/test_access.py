@@ -221,3 +221,31 @@ async def test_startup_says_whether_keys_are_on_and_which_collections_no_key_ope
         async with run_app() as client:
             pass
     assert "API keys: off" in caplog.text
+
+
+async def test_nothing_is_told_to_whoever_has_no_key_or_no_business_knowing(
+    run_app: AppRunner, settings: Settings, tmp_path
+) -> None:
+    """/health without a key shows no model paths or load errors; a refused import path does not list the
+    roots; a job records the path it was given, not where a link inside the roots leads."""
+    roots = tmp_path / "roots"
+    (roots / "real").mkdir(parents=True)
+    (roots / "real" / "a.jpg").write_bytes(make_image_bytes(1))
+    (roots / "real" / "broken.jpg").write_bytes(b"not a picture")
+    (roots / "shortcut").symlink_to(roots / "real")
+    async with run_app(api_keys=KEYS, import_roots=[roots]) as client:
+        anonymous = (await client.get("/health")).json()
+        for model in (anonymous["model"], anonymous["captioner"]):
+            assert model["name"] is None and model["error"] is None and model["state"]
+        assert settings.clip_model_name not in str(anonymous)
+        known = (await client.get("/health", headers=as_(ALICE))).json()
+        assert known["model"]["name"] == settings.clip_model_name
+
+        outside = await client.post("/images/import", json={"path": str(tmp_path / "elsewhere")}, headers=as_(ALICE))
+        assert outside.status_code == 403 and str(roots) not in outside.json()["detail"]
+        given = str(roots / "shortcut")
+        job = (await client.post("/images/import", json={"path": given}, headers=as_(ALICE))).json()
+        assert job["params"]["path"] == given
+        finished = await wait_for(client, ALICE, job["id"])
+        assert finished["status"] == "succeeded" and str(roots / "real") not in str(finished)
+        assert [f["path"] for f in finished["result"]["failures"]] == [f"{given}/broken.jpg"]
