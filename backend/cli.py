@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the service (what run.sh starts)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="how much the server logs (default info)",
+    )
 
     def with_collection(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument(
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _new_key(args.name)
         settings = _settings()
         if args.command == "serve":
-            return _serve(settings, args.host, args.port)
+            return _serve(settings, args.host, args.port, args.log_level)
         if getattr(args, "collection", DEFAULT_COLLECTION) and not COLLECTION_NAME.match(args.collection):
             raise CommandError(f"collection name {args.collection!r} must be 1-64 of a-z, 0-9, _ and -", 2)
         return asyncio.run(_COMMANDS[args.command](settings, args))
@@ -119,11 +125,9 @@ def _new_key(name: str) -> int:
     return 0
 
 
-def _serve(settings: Settings, host: str, port: int) -> int:
-    import uvicorn
-
+def _serve(settings: Settings, host: str, port: int, log_level: str) -> int:
     from backend.collections import StorageBusy, StorageLock
-    from backend.main import create_app
+    from backend.server import serve
 
     lock = StorageLock(settings.storage_root)
     try:  # a clear message now; the service itself takes the lock when it starts
@@ -133,8 +137,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     lock.release()
 
     print(f"starting on http://{host}:{port} (Swagger UI at /docs)", file=sys.stderr)
-    # One worker: in the embedded mode the FAISS index lives in this process's memory.
-    uvicorn.run(create_app(settings), host=host, port=port, workers=1)
+    serve(settings, host=host, port=port, log_level=log_level)
     return 0
 
 

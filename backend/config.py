@@ -33,6 +33,12 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    # Slow clients: a request's head must be complete this many seconds after the connection opened (or the
+    # previous answer on it ended); its body may pause at most REQUEST_BODY_TIMEOUT seconds between two
+    # pieces and must average at least REQUEST_MIN_RATE bytes a second once it has been arriving that long.
+    request_header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    request_body_timeout: float = Field(default=20.0, gt=0, le=3600)
+    request_min_rate: float = Field(default=1024.0, ge=0)
     max_files_per_request: int = Field(default=100, ge=1, le=1000)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     # Most memory one image may need while it is decoded, estimated from its size, mode and format before

@@ -260,6 +260,15 @@ class RequestTooLargeError(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
+class RequestTimeoutError(StarletteHTTPException):
+    """The body stopped arriving, or arrives too slowly; raised from inside body reading, like the above."""
+
+    code = "request_timeout"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(408, detail, headers={"Connection": "close"})
+
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",

@@ -16,8 +16,8 @@ from backend.config import Settings, get_settings
 from backend.deps import get_context
 from backend.errors import install_error_handlers
 from backend.middleware import (
-    BodySizeLimitMiddleware,
     JsonCORSMiddleware,
+    RequestBodyMiddleware,
     SecurityHeadersMiddleware,
     SiteGuardMiddleware,
 )
@@ -61,7 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_request_bytes,
+        idle_timeout=settings.request_body_timeout,
+        min_rate=settings.request_min_rate,
+    )
     app.add_middleware(SiteGuardMiddleware, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.cors_origins)
     app.state.key_entries = settings.key_entries  # parsed once: get_context reads them on every request
     app.add_middleware(SecurityHeadersMiddleware, vary_on_key=bool(app.state.key_entries))

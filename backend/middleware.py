@@ -3,7 +3,9 @@ and the headers every response carries."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
@@ -11,15 +13,24 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.apikeys import HEADER
-from backend.errors import RequestTooLargeError, error_response
+from backend.errors import RequestTimeoutError, RequestTooLargeError, error_response
 
 
-class BodySizeLimitMiddleware:
-    """413 before reading when Content-Length is over the limit; for chunked bodies, as soon as the count passes it."""
+class RequestBodyMiddleware:
+    """Bounds on a request body: its size and how slowly it may arrive.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Size: 413 before reading when Content-Length is over the limit; for chunked bodies, as soon as the count
+    passes it. Time: a body must keep arriving, at most `idle_timeout` seconds between two pieces and, once
+    it has been arriving for `idle_timeout` seconds, at least `min_rate` bytes a second on average; else 408
+    `request_timeout`, and whatever was staged of it is removed. Twenty clients sending a byte every few
+    seconds would otherwise hold twenty uploads (and their temp files) open for ever.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout: float = 20.0, min_rate: float = 1024.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout = idle_timeout
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,14 +43,30 @@ class BodySizeLimitMiddleware:
 
         received = 0
         started = False
+        body_done = False
+        began = time.monotonic()
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # waiting for a disconnect while the answer streams: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"no part of the request body arrived for {self.idle_timeout:.0f} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise RequestTooLargeError(self.max_bytes)
+                body_done = not message.get("more_body", False)
+                elapsed = time.monotonic() - began
+                if not body_done and elapsed > self.idle_timeout and received < self.min_rate * elapsed:
+                    raise RequestTimeoutError(
+                        f"the request body arrives too slowly ({received / elapsed:.0f} bytes/s, at least "
+                        f"{self.min_rate:.0f} are needed)"
+                    )
             return message
 
         async def tracking_send(message: Message) -> None:

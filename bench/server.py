@@ -1,4 +1,4 @@
-"""The real service as a subprocess (uvicorn on a free loopback port), as run.sh starts it."""
+"""The real service as a subprocess (`image-organizer serve` on a free loopback port), as run.sh starts it."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def serve(
     }
     log_path = storage.parent / f"{storage.name}-server.log"
     log = log_path.open("wb")
-    command = [sys.executable, "-m", "uvicorn", "backend.main:create_app", "--factory", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", "1", "--log-level", "warning"]
+    command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "warning"]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
