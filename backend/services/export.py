@@ -26,7 +26,6 @@ from backend.executor import Executor
 from backend.services.runs import MemberFile, member_files
 
 CHUNK = 1024 * 1024
-MAX_FOLDER_NAME = 80
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,13 @@ class ExportEntry:
 
 
 def export_entries(members: list[MemberFile]) -> list[ExportEntry]:
-    """Where each member goes: its cluster's folder, under its uploaded name made unique in that folder."""
+    """Where each member goes: its cluster's folder, under its uploaded name made safe to extract anywhere
+    and unique in that folder."""
     taken: dict[int, set[str]] = {}
     return [
         ExportEntry(
             folder=folder_name(member.cluster_id + 1, member.caption),
-            name=unique_name(member.filename, taken.setdefault(member.cluster_id, set())),
+            name=unique_name(member.filename, member.extension, taken.setdefault(member.cluster_id, set())),
             path=member.path,
             modified=member.modified,
         )
@@ -57,25 +57,72 @@ async def zip_run(ctx: AppContext, run_id: int) -> AsyncIterator[bytes]:
     return stream_zip(entries, ctx.executor)
 
 
+# Extensions an uploader may have used for each stored format; any other is replaced by the format's own.
+FORMAT_EXTENSIONS = {
+    "jpg": ("jpg", "jpeg", "jpe", "jfif"),
+    "png": ("png",),
+    "webp": ("webp",),
+    "gif": ("gif",),
+    "bmp": ("bmp", "dib"),
+    "tif": ("tif", "tiff"),
+    "heic": ("heic", "heif"),
+    "avif": ("avif",),
+}
+# Device names Windows reserves whatever extension follows them ("CON.png" cannot be created there).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789¹²³")}
+# What Windows refuses in a name (and "/" everywhere), control characters included.
+_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+# Bytes of UTF-8 per file name and per folder name: under every filesystem's 255, and together (241 with the
+# slash) short enough to extract into a folder of some depth on Windows.
+MAX_NAME_BYTES = 150
+MAX_FOLDER_BYTES = 90
+
+
+def _fit(text: str, limit: int) -> str:
+    """At most `limit` bytes of UTF-8, cut on a character boundary."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+def safe_component(text: str, fallback: str) -> str:
+    """`text` as a name Linux, macOS and Windows can all create: NFC (as macOS stores it), no character
+    Windows refuses, no leading or trailing dots or spaces, not a reserved device name; `fallback` when
+    nothing is left."""
+    text = _UNSAFE.sub("_", unicodedata.normalize("NFC", text))
+    text = re.sub(r"\s+", " ", text).strip(" .")
+    if not text:
+        return fallback
+    if text.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
+        text = "_" + text
+    return text
+
+
 def folder_name(position: int, caption: str | None) -> str:
     """'01 a dog on the grass': numbered so folders keep the clusters' order, safe on every filesystem."""
-    text = unicodedata.normalize("NFC", caption or "")
-    text = re.sub(r'[<>:"/\\|?*\x00-\x1f\x7f]', " ", text)
-    text = re.sub(r"\s+", " ", text).strip(" .")[:MAX_FOLDER_NAME].rstrip(" .")
-    return f"{position:02d} {text}" if text else f"{position:02d} cluster"
+    text = safe_component(caption or "", "cluster")
+    return _fit(f"{position:02d} {text}", MAX_FOLDER_BYTES).rstrip(" .")
 
 
-def unique_name(name: str, taken: set[str]) -> str:
-    """`name`, or `stem (2).ext`, ... when the folder holds that name already (case-insensitively)."""
-    candidate, n = name, 1
-    stem, dot, ext = name.rpartition(".")
-    if not dot:
-        stem, ext = name, ""
-    while candidate.lower() in taken:
+def unique_name(uploaded: str, extension: str, taken: set[str]) -> str:
+    """The uploaded name made safe (`safe_component`), with the extension of the stored format (the
+    uploader's own when it is one of that format's, so `photo.JPEG` stays), at most MAX_NAME_BYTES, and
+    unique in its folder ignoring case (`stem (2).jpg`, ...; the number is added before the cut, so it
+    survives). `taken` holds the folder's names so far, casefolded."""
+    stem, dot, given = uploaded.rpartition(".")
+    if not dot or not stem.strip(" ."):
+        stem, given = uploaded, ""
+    own = FORMAT_EXTENSIONS.get(extension, (extension,))
+    suffix = f".{given}" if given.lower() in own else f".{extension}" if extension else ""
+    stem = safe_component(stem, "image")
+    n = 1
+    while True:
+        number = "" if n == 1 else f" ({n})"
+        cut = _fit(stem, MAX_NAME_BYTES - len(number.encode()) - len(suffix.encode())).rstrip(" .") or "image"
+        candidate = f"{cut}{number}{suffix}"
+        if candidate.casefold() not in taken:
+            taken.add(candidate.casefold())
+            return candidate
         n += 1
-        candidate = f"{stem} ({n}){dot}{ext}"
-    taken.add(candidate.lower())
-    return candidate
 
 
 class _Sink(io.RawIOBase):

@@ -33,7 +33,8 @@ class MemberFile:
 
     cluster_id: int
     caption: str | None
-    filename: str  # as uploaded, with the stored file's extension when it had none
+    filename: str  # as uploaded
+    extension: str  # of the stored original: its decoded format's ("jpg", "png", ...)
     path: Path
     modified: datetime
 
@@ -181,15 +182,12 @@ async def member_files(ctx: AppContext, run_id: int) -> list[MemberFile]:
         ).all()
     found = []
     for cluster_id, caption, image in rows:
-        name = image.filename
-        stored_extension = PurePosixPath(image.storage_key).suffix
-        if not PurePosixPath(name).suffix and stored_extension:
-            name += stored_extension
         found.append(
             MemberFile(
                 cluster_id=cluster_id,
                 caption=caption,
-                filename=name,
+                filename=image.filename,
+                extension=PurePosixPath(image.storage_key).suffix.removeprefix("."),
                 path=ctx.store.path(image.storage_key),
                 modified=image.taken_at or image.created_at,
             )

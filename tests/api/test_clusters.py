@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
+import subprocess
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -240,6 +243,50 @@ async def test_export_zip_has_a_folder_per_cluster_with_the_originals(client: ht
     assert contents == set(by_sha)
     assert len(names) == len(images) == 9
     assert sum(name.rsplit("/", 1)[1] in ("same.jpg", "same (2).jpg") for name in names) == 2
+
+
+HOSTILE_NAMES = [
+    "\u732b" * 200 + ".jpg",  # 600 bytes of UTF-8: longer than any filesystem's name
+    "\u732b" * 200 + ".jpg",  # the same again: the number must survive the cut
+    "a" * 250 + ".jpg",
+    "CON.png",
+    "a:b.png",
+    'q"<>|*?.png',
+    "trailing. . .",
+    "x.html",
+    "x.exe",
+]
+
+
+async def test_export_entries_extract_on_every_system(client: httpx.AsyncClient, tmp_path: Path) -> None:
+    files = [("files", (name, make_image_bytes(600 + i), "image/jpeg")) for i, name in enumerate(HOSTILE_NAMES)]
+    response = await client.post("/images", files=files)
+    assert response.status_code == 201, response.text
+    shas = {item["image"]["sha256"] for item in response.json()["items"]}
+    run = await run_clustering(client, k=1, captions=False)
+    archive_path = tmp_path / "export.zip"
+    archive_path.write_bytes((await client.get(f"/clusters/{run['id']}/export")).content)
+    names = zipfile.ZipFile(archive_path).namelist()
+    assert len(names) == len(HOSTILE_NAMES)
+    for name in names:
+        for component in name.split("/"):
+            assert len(component.encode()) <= 150, name
+            assert not set(component) & set('<>:"\\|?*'), name
+            assert not component.endswith((".", " ")) and component.split(".")[0].upper() != "CON", name
+        assert name.endswith(".jpg"), name  # the decoded format's extension, not .html, .exe or .png
+    assert any(name.endswith("/_CON.jpg") for name in names)
+    # Both tools extract every entry, and each file holds an uploaded image's bytes.
+    for tool, target in (("unzip", tmp_path / "by-unzip"), ("python", tmp_path / "by-python")):
+        if tool == "unzip":
+            if shutil.which("unzip") is None:
+                continue
+            done = subprocess.run(["unzip", "-q", str(archive_path), "-d", str(target)], capture_output=True)
+            assert done.returncode == 0, done.stderr
+        else:
+            zipfile.ZipFile(archive_path).extractall(target)
+        extracted = [p for p in target.rglob("*") if p.is_file()]
+        assert len(extracted) == len(HOSTILE_NAMES)
+        assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in extracted} == shas
 
 
 async def test_get_clusters_waits_for_a_run_on_its_way_instead_of_starting_another(client: httpx.AsyncClient) -> None:
