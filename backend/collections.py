@@ -201,11 +201,19 @@ async def open_collection(
     engine = create_engine(url)
     await init_schema(engine)
     sessions = session_factory(engine)
-    jobs = JobService(sessions, concurrency=settings.job_concurrency, queue_limit=settings.job_queue_limit)
+    jobs = JobService(
+        sessions,
+        concurrency=settings.job_concurrency,
+        queue_limit=settings.job_queue_limit,
+        retention_days=settings.job_retention_days,
+    )
     if maintain:
         interrupted = await jobs.recover()
         if interrupted:
             log.warning("collection %s: marked %d jobs an earlier run left unfinished as failed", name, interrupted)
+        expired = await jobs.expire()
+        if expired:
+            log.info("collection %s: deleted %d jobs that finished over JOB_RETENTION_DAYS ago", name, expired)
     index = IndexService(
         index_dir=store.index_dir,
         model_name=settings.clip_model_name,

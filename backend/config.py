@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     # Jobs that may wait in each collection's queue; past it a new job is refused (429 too_many_jobs). A job
     # identical to one queued or running (same kind and parameters) is that job, not a new one.
     job_queue_limit: int = Field(default=20, ge=1, le=10_000)
+    # Finished jobs are deleted this many days after they ended (0: kept for ever).
+    job_retention_days: float = Field(default=30.0, ge=0, le=36_500)
 
     @field_validator("api_keys", mode="before")
     @classmethod

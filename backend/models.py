@@ -223,7 +223,9 @@ class JobPublic(BaseModel):
     progress: JobProgress
     params: dict[str, Any]
     cancel_requested: bool
-    result: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(
+        description="What the job did; in GET /jobs without its lists (failures, image_ids), which GET /jobs/{id} has"
+    )
     error: str | None
     created_at: datetime
     started_at: datetime | None

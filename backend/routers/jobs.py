@@ -20,9 +20,11 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobsPublic:
-    """Clustering, import, re-embedding and captioning jobs, with their progress and results."""
+    """Clustering, import, re-embedding and captioning jobs, with their progress and the counts of their
+    results; the lists a result holds (failures, ids of images made) are in `GET /jobs/{id}`. Finished
+    jobs are kept for JOB_RETENTION_DAYS."""
     jobs, total = await ctx.jobs.list(offset=offset, limit=limit, kind=kind, status=status)
-    return JobsPublic(data=[job_public(job) for job in jobs], count=total, offset=offset, limit=limit)
+    return JobsPublic(data=[job_public(job, listed=True) for job in jobs], count=total, offset=offset, limit=limit)
 
 
 @router.get(

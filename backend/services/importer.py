@@ -25,7 +25,7 @@ from backend.errors import (
 )
 from backend.models import Job
 from backend.services.captions import caption_stored
-from backend.services.jobs import JobCancelled, JobHandle
+from backend.services.jobs import Failures, JobCancelled, JobHandle
 from backend.services.storage import FileStore, IncomingFile, StagedFile, StagingWriter
 from backend.services.uploads import ingest_files
 
@@ -35,7 +35,8 @@ IMAGE_EXTENSIONS = frozenset(
      ".avif", ".mpo"}
 )  # fmt: skip
 # Failures listed in the job's result (all are counted).
-MAX_LISTED_FAILURES = 1000
+# A job's result lists the ids of at most this many images it made (its failures: jobs.MAX_LISTED).
+MAX_LISTED_IDS = 1000
 READ_CHUNK = 1024 * 1024
 
 
@@ -95,11 +96,11 @@ class ListedFile:
 
 def find_files(
     folder: Path, *, recursive: bool, roots: list[Path], storage_root: Path, shown: Path | None = None
-) -> tuple[list[ListedFile], list[dict[str, str]], int]:
+) -> tuple[list[ListedFile], Failures, int]:
     """(image files to read, refused entries, skipped non-image files); sorted, symlinks checked. Paths are
     reported under `shown` (the folder as the caller named it), never under where a link led. Synchronous."""
     found: list[ListedFile] = []
-    refused: list[dict[str, str]] = []
+    refused = Failures()
     skipped = 0
     for current, dirs, files in os.walk(folder, followlinks=False):
         base = Path(current)
@@ -119,21 +120,17 @@ def find_files(
             try:
                 real = path.resolve(strict=True)
             except (OSError, RuntimeError):
-                refused.append({"path": listed_as, "code": "unreadable", "detail": "broken link or unreadable file"})
+                refused.add(path=listed_as, code="unreadable", detail="broken link or unreadable file")
                 continue
             if not _inside(real, roots) or real.is_relative_to(storage_root):
-                refused.append(
-                    {
-                        "path": listed_as,
-                        "code": "path_outside_roots",
-                        "detail": "a link that leads outside the import roots",
-                    }
+                refused.add(
+                    path=listed_as, code="path_outside_roots", detail="a link that leads outside the import roots"
                 )
                 continue
             try:
                 status = os.stat(real, follow_symlinks=False)
             except OSError:
-                refused.append({"path": listed_as, "code": "unreadable", "detail": "the file cannot be read"})
+                refused.add(path=listed_as, code="unreadable", detail="the file cannot be read")
                 continue
             if stat.S_ISREG(status.st_mode):
                 found.append(ListedFile(path=Path(listed_as), real=real, device=status.st_dev, inode=status.st_ino))
@@ -239,17 +236,18 @@ async def _run(
     paths, failures, skipped = await ctx.executor.run(
         find_files, folder, recursive=recursive, roots=roots, storage_root=settings.storage_root, shown=shown
     )
-    counts = {"created": 0, "duplicates": 0, "failed": len(failures)}
+    counts = {"created": 0, "duplicates": 0}
     created_ids: list[int] = []
 
     def summary(done: int) -> dict[str, Any]:
         return {
             **counts,
+            "failed": failures.count,
             "skipped": skipped,
             "files": len(paths),
             "files_done": done,
-            "failures": failures[:MAX_LISTED_FAILURES],
-            "image_ids": created_ids[:MAX_LISTED_FAILURES],
+            "failures": failures.listed,
+            "image_ids": created_ids[:MAX_LISTED_IDS],
         }
 
     await handle.progress(0, len(paths), "importing")
@@ -267,8 +265,7 @@ async def _run(
                     await ctx.executor.run(ctx.store.discard, item.staged)  # a no-op once ingest moved it
         for listed, outcome in zip(batch, outcomes, strict=True):
             if outcome.error is not None:
-                counts["failed"] += 1
-                failures.append({"path": str(listed.path), "code": outcome.error.code, "detail": outcome.error.detail})
+                failures.add(path=str(listed.path), code=outcome.error.code, detail=outcome.error.detail)
             elif outcome.duplicate:
                 counts["duplicates"] += 1
             else:

@@ -14,15 +14,16 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import func, update
+from sqlalchemy import delete, func, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.errors import DomainError, JobFinished, JobNotFound, ShuttingDown, TooManyJobs
-from backend.models import Job, JobKind, JobProgress, JobPublic, JobStatus, utcnow
+from backend.models import ClusterRun, Job, JobKind, JobProgress, JobPublic, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,6 +32,32 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # Progress is written to the database at most this often (readers of a live job see it at once).
 PERSIST_EVERY_SECONDS = 0.5
 RESTART_ERROR = "the service stopped while this job was queued or running"
+# What a job keeps of the items it could not do: the first MAX_LISTED, each text cut to MAX_TEXT characters.
+MAX_LISTED = 100
+MAX_TEXT = 500
+# Finished jobs older than the retention are deleted at startup and, while jobs keep coming, this often.
+EXPIRE_EVERY_SECONDS = 3600.0
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[: MAX_TEXT - 1] + "\u2026"
+    return value
+
+
+class Failures:
+    """The items a job could not do, bounded: `count` counts them all, `listed` keeps the first MAX_LISTED
+    with every text cut to MAX_TEXT characters (a folder of a million broken links with long paths is one
+    number and a hundred short entries, not hundreds of megabytes in the job's result)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.listed: list[dict[str, Any]] = []
+
+    def add(self, **fields: Any) -> None:
+        self.count += 1
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append({key: _cut(value) for key, value in fields.items()})
 
 
 def _detached(job: Job) -> Job:
@@ -100,8 +127,16 @@ JobFunc = Callable[[JobHandle], Awaitable[dict[str, Any]]]
 
 
 class JobService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], concurrency: int = 1, queue_limit: int = 20) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        concurrency: int = 1,
+        queue_limit: int = 20,
+        retention_days: float = 30.0,
+    ) -> None:
         self._sessions = sessions
+        self._retention = timedelta(days=retention_days) if retention_days > 0 else None
+        self._expired_at = time.monotonic()
         self._slots = asyncio.Semaphore(concurrency)
         # Clustering has a lane of its own: it takes seconds, and GET /clusters waits for it, so it must
         # not queue behind an import or a re-embedding that takes hours. It reads an index snapshot and
@@ -124,6 +159,23 @@ class JobService:
             await session.commit()
         return int(result.rowcount or 0)
 
+    async def expire(self) -> int:
+        """Delete the jobs that finished longer than the retention ago (JOB_RETENTION_DAYS; 0 keeps them
+        all), except the clustering jobs of runs still stored (the page finds runs through them); how many."""
+        self._expired_at = time.monotonic()
+        if self._retention is None:
+            return 0
+        made_runs = select(ClusterRun.job_id).where(col(ClusterRun.job_id).is_not(None))
+        async with self._sessions() as session:
+            result = await session.exec(
+                delete(Job)
+                .where(col(Job.status).in_(FINISHED))
+                .where(col(Job.finished_at) < utcnow() - self._retention)
+                .where(col(Job.id).not_in(made_runs))
+            )
+            await session.commit()
+        return int(result.rowcount or 0)
+
     async def submit(self, kind: str, params: dict[str, Any], func: JobFunc) -> Job:
         """Queue a job; the same kind with the same parameters already queued or running is that job (twenty
         identical requests start one re-embedding, not twenty). TooManyJobs past the queue's limit."""
@@ -142,6 +194,11 @@ class JobService:
             raise TooManyJobs(
                 f"{queued} jobs are waiting already (JOB_QUEUE_LIMIT): wait for some to finish, or cancel some"
             )
+        if time.monotonic() - self._expired_at >= EXPIRE_EVERY_SECONDS:
+            try:
+                await self.expire()
+            except Exception:  # housekeeping: never the reason a job is refused
+                log.exception("could not delete expired jobs")
         job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
         await self._save(job)
         self._live[job.id] = job
@@ -279,8 +336,12 @@ class JobService:
                 await task
 
 
-def job_public(job: Job) -> JobPublic:
-    """A job as the API shows it."""
+def job_public(job: Job, *, listed: bool = False) -> JobPublic:
+    """A job as the API shows it; `listed`: as a listing shows it, its result without lists (counts and
+    ids stay; the failures and the ids of what it made are in GET /jobs/{id})."""
+    result = job.result
+    if listed and result is not None:
+        result = {key: value for key, value in result.items() if not isinstance(value, (list, dict))}
     return JobPublic(
         id=job.id,
         kind=cast(JobKind, job.kind),  # the table stores them as text; only these values are written
@@ -288,7 +349,7 @@ def job_public(job: Job) -> JobPublic:
         progress=JobProgress(done=job.progress_done, total=job.progress_total, message=job.message),
         params=job.params,
         cancel_requested=job.cancel_requested,
-        result=job.result,
+        result=result,
         error=job.error,
         created_at=job.created_at,
         started_at=job.started_at,

@@ -17,12 +17,10 @@ from backend.errors import DomainError
 from backend.models import Image, Job
 from backend.services.catalog import get_images_by_ids
 from backend.services.index import vector_to_blob
-from backend.services.jobs import JobHandle
+from backend.services.jobs import Failures, JobHandle
 from backend.services.pipeline import PreparedImage
 from backend.services.tagging import replace_tags
 from ml.embedder import ClipEmbedder
-
-MAX_LISTED_FAILURES = 1000
 
 
 async def start_reindex(ctx: AppContext, *, all_images: bool = False) -> Job:
@@ -43,20 +41,16 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
     async with ctx.sessions() as session:
         ids = [int(i) for i in (await session.exec(query)).all() if i is not None]
     done = 0
-    failures: list[dict[str, Any]] = []
+    failures = Failures()
     await handle.progress(0, len(ids), "re-embedding")
     for start in range(0, len(ids), ctx.settings.embed_batch_size):
         batch = ids[start : start + ctx.settings.embed_batch_size]
         updated, failed = await _reembed_batch(ctx, embedder, batch)
         done += updated
-        failures += failed
+        for failure in failed:
+            failures.add(**failure)
         await handle.progress(start + len(batch), len(ids), "re-embedding")
-    return {
-        "model": embedder.model_name,
-        "reembedded": done,
-        "failed": len(failures),
-        "failures": failures[:MAX_LISTED_FAILURES],
-    }
+    return {"model": embedder.model_name, "reembedded": done, "failed": failures.count, "failures": failures.listed}
 
 
 async def reembed_images(ctx: AppContext, ids: list[int]) -> tuple[int, list[dict[str, Any]]]:

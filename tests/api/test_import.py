@@ -244,3 +244,29 @@ async def test_a_listed_file_replaced_by_a_link_or_a_fifo_is_not_read(
         assert job["result"]["created"] == 2  # c.webp and d.JPG
         names = {image["filename"] for image in (await client.get("/images")).json()["data"]}
         assert names == {"c.webp", "d.JPG"}
+
+
+async def test_an_import_keeps_a_bounded_list_of_failures(run_app: AppRunner, tmp_path: Path) -> None:
+    """A folder of 300 broken links with long paths: the result counts them all, lists the first 100 with
+    each path cut, and a listing of jobs shows the counts without the lists."""
+    root = tmp_path / "links"
+    deep = root / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    for i in range(300):
+        (deep / f"{i:03}-{'x' * 200}.jpg").symlink_to(tmp_path / "nowhere" / f"{i}.jpg")
+    (deep / "good.jpg").write_bytes(make_image_bytes(8))
+    async with run_app(import_roots=[root]) as client:
+        jobs = [await wait_job(client, (await start(client, root)).json()["id"]) for _ in range(3)]
+        result = jobs[0]["result"]
+        assert (result["failed"], result["created"]) == (300, 1)
+        assert len(result["failures"]) == 100
+        assert all(f["code"] == "unreadable" and len(f["path"]) <= 500 for f in result["failures"])
+        assert result["failures"][0]["path"].startswith(str(root))
+        listing = await client.get("/jobs", params={"kind": "import"})
+        assert listing.json()["count"] == 3
+        for listed in listing.json()["data"]:
+            assert listed["result"]["failed"] == 300 and "failures" not in listed["result"]
+            assert "image_ids" not in listed["result"]
+        assert len(listing.content) < 10_000  # three jobs of 300 failures each: it used to be ~250 KB
+        whole = (await client.get(f"/jobs/{jobs[0]['id']}")).json()
+        assert len(whole["result"]["failures"]) == 100 and whole["result"]["image_ids"]

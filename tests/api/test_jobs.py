@@ -219,3 +219,31 @@ async def test_identical_jobs_are_merged_and_the_queue_is_bounded(run_app: AppRu
         # Once it has finished, the same request starts a new job.
         again = await client.post("/reindex", params={"all": "true"})
         assert again.status_code == 202 and again.json()["id"] != reindex
+
+
+async def test_finished_jobs_expire_after_the_retention(run_app: AppRunner, settings: Settings) -> None:
+    async with run_app() as client:
+        await upload_many(client, 4)
+        cluster = (await client.post("/clusters", json={"k": 2, "captions": False})).json()
+        await wait_job(client, cluster["id"])
+        ctx = app_context(client)
+        done = [await ctx.jobs.submit("caption", {"n": n}, _quick) for n in range(2)]
+        for job in done:
+            await wait_job(client, job.id)
+        running = await ctx.jobs.submit("caption", {"n": 2}, gated_job(asyncio.Event()))
+    # Age every job by 40 days: the two finished caption jobs are past the 30-day default, the clustering job
+    # made a run that is still stored, and the one stopped by the restart is failed but recent.
+    with sqlite3.connect(settings.storage_root / "organizer.db") as db:
+        db.execute("UPDATE job SET finished_at = datetime(finished_at, '-40 days') WHERE id != ?", (running.id,))
+    db.close()
+    async with run_app(job_retention_days=0) as client:  # 0 keeps them all
+        assert (await client.get("/jobs")).json()["count"] == 4
+    async with run_app() as client:
+        kept = {job["id"] for job in (await client.get("/jobs")).json()["data"]}
+        assert kept == {cluster["id"], running.id}
+        assert [(await client.get(f"/jobs/{job.id}")).status_code for job in done] == [404, 404]
+        assert (await client.get("/clusters")).status_code == 200
+
+
+async def _quick(handle: JobHandle) -> dict[str, object]:
+    return {"done": True}
