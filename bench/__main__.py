@@ -1,8 +1,12 @@
-"""`python -m bench all|ingest|search|cluster|health|startup [--quick]`: figures against targets."""
+"""`python -m bench all|ingest|search|cluster|health|startup [--quick]`: figures against targets.
+
+Exit status: 0 when every figure with a target meets it, 1 when one misses it (FAIL), 2 for bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +58,12 @@ def main() -> None:
     out = args.out or RESULTS / f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.save(out)
     print(f"\nsaved {out}")
+    failed = report.failed()
+    if failed:
+        print(f"\n{len(failed)} of {sum(f.passed is not None for f in report.figures)} targets missed:", flush=True)
+        for figure in failed:
+            print(f"  FAIL {figure.scenario} {figure.name}", flush=True)
+        sys.exit(1)
 
 
 def report_machine() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import time
@@ -28,6 +29,8 @@ class Figure:
     def passed(self) -> bool | None:
         if self.target is None or self.kind is None:
             return None
+        if math.isnan(self.value):  # nothing was measured: it cannot meet a target
+            return False
         return self.value >= self.target if self.kind == "min" else self.value <= self.target
 
     def verdict(self) -> str:
@@ -54,13 +57,21 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
+    def failed(self) -> list[Figure]:
+        """The figures that missed their target."""
+        return [f for f in self.figures if f.passed is False]
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "machine": machine(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "seconds": round(time.time() - self.started, 1),
-            "figures": [{**asdict(f), "passed": f.passed} for f in self.figures],
+            # NaN (nothing measured) is not JSON: it is saved as null, with its FAIL.
+            "figures": [
+                {**asdict(f), "value": None if math.isnan(f.value) else f.value, "passed": f.passed}
+                for f in self.figures
+            ],
         }
         path.write_text(json.dumps(data, indent=2))
 

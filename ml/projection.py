@@ -3,9 +3,11 @@
 Synchronous numpy / scikit-learn: callers run it in an executor. Knows nothing of HTTP or databases.
 
 PCA rather than UMAP or t-SNE: it costs one pass over a sample and a matrix product, keeps distances
-readable (nearby points look alike along the two directions of greatest variance), and adding an image
-does not reshuffle the whole map. The axes are fitted on at most `fit_rows` rows and their signs are fixed
-so the same collection always draws the same way up.
+readable (nearby points look alike along the two directions of greatest variance), and needs no extra
+native dependency. It is fitted on every call, so adding or removing images moves the other points (and
+can turn the axes when no two directions dominate): compare maps of one collection, not across changes. The axes are
+fitted on at most `fit_rows` rows and their signs are fixed so the same collection always draws the same
+way up.
 """
 
 from __future__ import annotations

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import shutil
 import subprocess
+import threading
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlmodel import update
+import torch
+from sqlmodel import select, update
 
 from backend.models import ClusterRun
+from backend.services.export import folder_name
+from ml.captioner import BlipCaptioner
 from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes, upload_many, wait_job
 
@@ -107,9 +114,12 @@ async def test_a_run_made_by_another_clip_model_is_computed_again(client: httpx.
 async def test_auto_k_and_k_larger_than_the_collection(client: httpx.AsyncClient) -> None:
     await upload_many(client, 3)
     auto = await run_clustering(client, k="auto")
-    assert auto["auto_k"] and auto["k_requested"] is None and 1 <= auto["k"] <= 3
+    # The candidates run from 2 to the distinct images minus one: with 3 images, 2 is the only one.
+    assert auto["auto_k"] and auto["k_requested"] is None and auto["k"] == 2
+    assert len(auto["clusters"]) == 2 and sorted(c["size"] for c in auto["clusters"]) == [1, 2]
     big = await run_clustering(client, k=50, captions=False)
-    assert big["k"] <= 3 and sum(c["size"] for c in big["clusters"]) == 3
+    # A k larger than the distinct images is lowered to their number.
+    assert big["k"] == 3 and big["k_requested"] == 50 and [c["size"] for c in big["clusters"]] == [1, 1, 1]
     assert all(c["caption"] is None for c in big["clusters"])
 
 
@@ -218,11 +228,7 @@ async def test_old_runs_are_pruned(run_app: AppRunner) -> None:
 
 
 async def test_export_zip_has_a_folder_per_cluster_with_the_originals(client: httpx.AsyncClient) -> None:
-    images = await upload_many(client, 7)
-    # Two uploads under one name must both arrive in the zip.
-    same_name = [("files", ("same.jpg", b, "image/jpeg")) for b in (make_image_bytes(501), make_image_bytes(502))]
-    extra = (await client.post("/images", files=same_name)).json()["items"]
-    images += [item["image"] for item in extra]
+    images = await upload_many(client, 9)
     run = await run_clustering(client, k=3)
 
     response = await client.get(f"/clusters/{run['id']}/export")
@@ -232,17 +238,41 @@ async def test_export_zip_has_a_folder_per_cluster_with_the_originals(client: ht
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     assert archive.testzip() is None
     names = archive.namelist()
-    folders = sorted({name.split("/")[0] for name in names})
-    assert len(folders) == 3
-    for position, cluster in enumerate(run["clusters"], start=1):
-        folder = next(f for f in folders if f.startswith(f"{position:02d} "))
-        in_folder = [n for n in names if n.startswith(folder + "/")]
+    assert len({name.split("/")[0] for name in names}) == 3
+    for cluster in run["clusters"]:
+        # The folder is "01 <the cluster's caption>", made safe to extract (export.folder_name).
+        assert isinstance(cluster["caption"], str) and cluster["caption"]
+        folder = folder_name(cluster["cluster_id"] + 1, cluster["caption"])
+        in_folder = [name for name in names if name.split("/")[0] == folder]
+        page = (await client.get(cluster["images_url"], params={"limit": 500})).json()
+        # It holds exactly its own cluster's originals, byte for byte.
+        members = sorted(member["image"]["sha256"] for member in page["data"])
+        assert sorted(hashlib.sha256(archive.read(name)).hexdigest() for name in in_folder) == members
         assert len(in_folder) == cluster["size"]
-    by_sha = {image["sha256"]: image for image in images}
-    contents = {hashlib.sha256(archive.read(name)).hexdigest() for name in names}
-    assert contents == set(by_sha)
-    assert len(names) == len(images) == 9
-    assert sum(name.rsplit("/", 1)[1] in ("same.jpg", "same (2).jpg") for name in names) == 2
+        assert len({name.casefold() for name in in_folder}) == len(in_folder)
+    assert sorted(hashlib.sha256(archive.read(name)).hexdigest() for name in names) == sorted(
+        image["sha256"] for image in images
+    )
+
+
+async def test_export_numbers_names_that_repeat_in_a_folder(client: httpx.AsyncClient) -> None:
+    """One cluster, so the same-named uploads share its folder: each arrives, numbered, ignoring letter case."""
+    uploaded = ["same.jpg", "same.jpg", "Same.JPG", "same.jpg"]
+    files = [("files", (name, make_image_bytes(501 + i), "image/jpeg")) for i, name in enumerate(uploaded)]
+    response = await client.post("/images", files=files)
+    assert response.status_code == 201, response.text
+    shas = sorted(item["image"]["sha256"] for item in response.json()["items"])
+    run = await run_clustering(client, k=1, captions=False)
+    archive = zipfile.ZipFile(io.BytesIO((await client.get(f"/clusters/{run['id']}/export")).content))
+    names = archive.namelist()
+    assert {name.split("/")[0] for name in names} == {"01 cluster"}  # no caption: the folder says "cluster"
+    assert sorted(name.split("/")[1].casefold() for name in names) == [
+        "same (2).jpg",
+        "same (3).jpg",
+        "same (4).jpg",
+        "same.jpg",
+    ]
+    assert sorted(hashlib.sha256(archive.read(name)).hexdigest() for name in names) == shas
 
 
 HOSTILE_NAMES = [
@@ -296,3 +326,99 @@ async def test_get_clusters_waits_for_a_run_on_its_way_instead_of_starting_anoth
     finished = await wait_job(client, started["id"])
     assert latest["id"] == finished["result"]["run_id"]
     assert (await client.get("/jobs", params={"kind": "cluster"})).json()["count"] == 1
+
+
+@dataclass
+class HeldCaptions:
+    """BLIP's first caption batch waits in its thread until `release` is set, so a clustering job stays running,
+    in its captioning, while the test acts on it; the batch itself is BLIP's real work. `calls`: batch sizes."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    calls: list[int] = field(default_factory=list)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 60), "no caption batch began"
+
+
+@pytest.fixture
+def held_captions(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldCaptions]:
+    held = HeldCaptions()
+    original = BlipCaptioner.caption_pixels
+
+    def holding(self: BlipCaptioner, pixel_values: torch.Tensor) -> list[str]:
+        held.calls.append(len(pixel_values))
+        if len(held.calls) == 1:
+            held.started.set()
+            held.release.wait(timeout=60)  # bounded: a failing test must not hang the executor for ever
+        return original(self, pixel_values)
+
+    monkeypatch.setattr(BlipCaptioner, "caption_pixels", holding)
+    yield held
+    held.release.set()
+
+
+async def test_a_cancelled_clustering_job_stores_no_run(run_app: AppRunner, held_captions: HeldCaptions) -> None:
+    async with run_app(caption_batch_size=1) as client:
+        await upload_many(client, 6)
+        before = await run_clustering(client, k=2, captions=False)
+        running = (await client.post("/clusters", json={"k": 3})).json()
+        await held_captions.wait_started()
+        assert (await client.get(f"/jobs/{running['id']}")).json()["status"] == "running"
+        # One clustering at a time: another run waits, and a queued job is cancelled at once.
+        queued = (await client.post("/clusters", json={"k": 2, "seed": 5})).json()
+        assert queued["status"] == "queued"
+        cancelled = await client.delete(f"/jobs/{queued['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        # A running one stops at its next checkpoint: after the caption batch under way.
+        asked = await client.delete(f"/jobs/{running['id']}")
+        assert asked.status_code == 202 and asked.json()["cancel_requested"] is True
+        held_captions.release.set()
+        job = await wait_job(client, running["id"])
+        assert job["status"] == "cancelled" and "run_id" not in (job["result"] or {}), job
+        assert held_captions.calls == [1]  # the batch under way finished; none of the other five began
+        assert (await wait_job(client, queued["id"]))["status"] == "cancelled"
+        # Neither left a run: the latest is still the one before, and it is the only one stored.
+        latest = await client.get("/clusters")
+        assert latest.status_code == 200 and latest.json()["id"] == before["id"]
+        async with app_context(client).sessions() as session:
+            stored = (await session.exec(select(ClusterRun.id, ClusterRun.job_id))).all()
+        assert [tuple(row) for row in stored] == [(before["id"], before["job_id"])]
+        finished = await client.delete(f"/jobs/{running['id']}")
+        assert finished.status_code == 409 and finished.json()["code"] == "job_finished"
+
+
+async def test_get_clusters_answers_409_when_the_run_it_waits_for_is_cancelled(
+    client: httpx.AsyncClient, held_captions: HeldCaptions
+) -> None:
+    await upload_many(client, 4)
+    waiting = asyncio.ensure_future(client.get("/clusters"))  # no run yet: it computes one and waits for it
+    await held_captions.wait_started()
+    jobs = (await client.get("/jobs", params={"kind": "cluster", "status": "running"})).json()["data"]
+    assert len(jobs) == 1
+    assert (await client.delete(f"/jobs/{jobs[0]['id']}")).status_code == 202
+    held_captions.release.set()
+    answer = await waiting
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["code"] == "clustering_failed" and "cancelled" in answer.json()["detail"]
+
+
+async def test_get_clusters_answers_409_when_its_clustering_job_fails(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upload_many(client, 4)
+
+    def out_of_memory(self: BlipCaptioner, pixel_values: torch.Tensor) -> list[str]:
+        raise RuntimeError("CUDA out of memory")  # what a model can do mid-run; BLIP cannot be made to here
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BlipCaptioner, "caption_pixels", out_of_memory)
+        answer = await client.get("/clusters")
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["code"] == "clustering_failed"
+    assert "failed" in answer.json()["detail"] and "CUDA out of memory" in answer.json()["detail"]
+    jobs = (await client.get("/jobs", params={"kind": "cluster"})).json()["data"]
+    assert [job["status"] for job in jobs] == ["failed"]
+    # The failed job stored nothing; the next request computes a run.
+    again = await client.get("/clusters")
+    assert again.status_code == 200 and again.json()["image_count"] == 4

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.api.test_clusters import run_clustering
-from tests.helpers import upload_many
+from tests.conftest import AppRunner
+from tests.helpers import make_image_bytes, upload_many
 
 
 async def test_map_of_an_empty_collection_has_no_points(client: httpx.AsyncClient) -> None:
@@ -34,6 +37,33 @@ async def test_map_places_every_image_once_the_same_way_each_time(client: httpx.
     assert max(math.hypot(p["x"], p["y"]) for p in first["points"]) > 0.99  # the farthest point is on the rim
     assert all(p["cluster"] is None for p in first["points"])  # nothing clustered yet
     assert (await client.get("/map")).json() == first
+
+
+async def map_by_sha(client: httpx.AsyncClient) -> dict[str, tuple[float, float]]:
+    """Each point of GET /map, keyed by its image's SHA-256 (ids differ between collections)."""
+    answer = (await client.get("/map")).json()
+    listing = (await client.get("/images", params={"limit": 500})).json()["data"]
+    sha = {image["id"]: image["sha256"] for image in listing}
+    return {sha[p["id"]]: (p["x"], p["y"]) for p in answer["points"]}
+
+
+async def test_the_same_collection_draws_the_same_way_whatever_the_upload_order(
+    run_app: AppRunner, tmp_path: Path
+) -> None:
+    pictures = [("files", (f"p{i}.jpg", make_image_bytes(300 + i), "image/jpeg")) for i in range(12)]
+    async with run_app() as client:
+        assert (await client.post("/images", files=pictures)).status_code == 201
+        drawn = await map_by_sha(client)
+    assert len(drawn) == 12 and len(set(drawn.values())) == 12
+    async with run_app() as client:  # after a restart: the index is loaded from its file
+        assert await map_by_sha(client) == drawn
+    # The same pictures, uploaded the other way round into a collection of their own: other ids, the same map.
+    async with run_app(storage_root=tmp_path / "reversed") as client:
+        assert (await client.post("/images", files=pictures[::-1])).status_code == 201
+        reversed_order = await map_by_sha(client)
+    assert reversed_order.keys() == drawn.keys()
+    for sha, point in drawn.items():
+        assert reversed_order[sha] == pytest.approx(point, abs=1e-4), sha
 
 
 async def test_map_colours_points_by_the_latest_run_or_the_one_asked_for(client: httpx.AsyncClient) -> None:

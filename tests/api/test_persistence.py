@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
 import httpx
 import pytest
 
 from backend.config import Settings
+from backend.services import model_loader
 from tests.conftest import AppRunner
 from tests.helpers import make_image_bytes, stored_files
 
@@ -112,6 +118,35 @@ async def test_unloadable_model_is_reported_and_answers_503(
         assert listing.status_code == 200
         assert listing.json()["count"] == 0
     assert stored_files(settings.storage_root) == []
+
+
+async def test_a_failed_model_load_is_tried_again_after_30_seconds(
+    run_app: AppRunner, tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder that is broken at startup and mended afterwards: the next request that needs the model
+    loads it once 30 s have passed since the failure, not before. The loader's clock is the test's."""
+    clock = SimpleNamespace(now=1000.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=time.perf_counter)
+    monkeypatch.setattr(model_loader, "time", fake_time)
+    model = shutil.copytree(tiny_clip_dir, tmp_path / "clip")
+    (model / "model.safetensors").rename(tmp_path / "weights-away")
+    async with run_app(clip_model_name=str(model)) as client:
+        search = await client.get("/search", params={"q": "cat"})  # waits for the startup load, which fails
+        assert search.status_code == 503 and search.json()["code"] == "model_unavailable"
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded" and health["model"]["state"] == "failed"
+        (tmp_path / "weights-away").rename(model / "model.safetensors")  # mended
+        clock.now = 1029.9
+        search = await client.get("/search", params={"q": "cat"})
+        assert search.status_code == 503, "tried again before 30 s had passed"
+        assert (await client.get("/health")).json()["model"]["state"] == "failed"
+        clock.now = 1030.0  # 30 s after the failure
+        search = await client.get("/search", params={"q": "cat"})
+        assert search.status_code == 200, search.text
+        health = (await client.get("/health")).json()
+        assert health["status"] == "ok" and health["model"]["state"] == "loaded" and health["model"]["error"] is None
+        upload = await client.post("/images", files={"file": ("a.jpg", make_image_bytes(1), "image/jpeg")})
+        assert upload.status_code == 201, upload.text
 
 
 async def test_images_of_another_model_stay_listed_but_leave_the_index(
