@@ -19,11 +19,18 @@ pytestmark = [pytest.mark.browser, pytest.mark.server_env(API_KEYS=f"alice:{dige
 
 KEY_TOAST = ".toast:has-text('This service needs an API key')"
 ALL_THUMBS_LOADED = "[...document.querySelectorAll('{grid} img')].every(i => i.complete && i.naturalWidth > 0)"
-# An object URL is revoked once its picture is decoded: fetching it again fails.
+# An object URL is revoked once its picture is decoded: fetching it again fails. The grid may be drawn again
+# meanwhile (a refresh after an upload), so the first picture is looked up until one has loaded.
 SRC_REVOKED = """async (selector) => {
-    const src = document.querySelector(selector).src;
-    if (!src.startsWith("blob:")) return src;
-    try { await fetch(src); return "still alive"; } catch { return "revoked"; }
+    for (let attempt = 0; attempt < 200; attempt++) {
+        const img = document.querySelector(selector);
+        if (img && img.src && img.complete && img.naturalWidth > 0) {
+            if (!img.src.startsWith("blob:")) return img.src;
+            try { await fetch(img.src); return "still alive"; } catch { return "revoked"; }
+        }
+        await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return "no picture loaded";
 }"""
 
 
