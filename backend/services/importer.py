@@ -6,9 +6,12 @@ symlinks resolved, the result inside one of the configured roots and outside STO
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -147,40 +150,70 @@ class FileCopy:
         self._store, self._listed, self._max_bytes = store, listed, max_bytes
         self._fd: int | None = None
         self._writer: StagingWriter | None = None
-        self.abandoned = False
+        # A cancel abandons the copy from the event loop while a call may be running in a thread (a read
+        # that hangs): whoever comes last, the abandoning or the call, closes the file and the temp file.
+        self._lock = threading.Lock()
+        self._running = False
+        self._abandoned = False
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[bool]:
+        """One call's turn: False when the copy was abandoned already; closed at its end when it was
+        abandoned meanwhile."""
+        with self._lock:
+            self._running = not self._abandoned
+        try:
+            yield self._running
+        finally:
+            with self._lock:
+                self._running = False
+                if self._abandoned:
+                    self.close()
 
     def open(self) -> None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(self._listed.real, flags)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ChangedFile("the file was replaced by a link after the folder was listed") from exc
-            raise
-        status = os.fstat(self._fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise ChangedFile("the file is no longer a regular file (a FIFO, a device...): it is not read")
-        if (status.st_dev, status.st_ino) != (self._listed.device, self._listed.inode):
-            raise ChangedFile("the file was replaced after the folder was listed")
-        self._writer = self._store.open_staging(self._max_bytes)
+        with self._step() as go:
+            if not go:
+                return
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            try:
+                self._fd = os.open(self._listed.real, flags)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ChangedFile("the file was replaced by a link after the folder was listed") from exc
+                raise
+            status = os.fstat(self._fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise ChangedFile("the file is no longer a regular file (a FIFO, a device...): it is not read")
+            if (status.st_dev, status.st_ino) != (self._listed.device, self._listed.inode):
+                raise ChangedFile("the file was replaced after the folder was listed")
+            self._writer = self._store.open_staging(self._max_bytes)
 
     def copy_chunk(self) -> bool:
         """Copy the next piece; False at the end of the file. Past MAX_UPLOAD_BYTES it is refused."""
-        assert self._fd is not None and self._writer is not None
-        chunk = os.read(self._fd, READ_CHUNK)
-        if self.abandoned:  # the job stopped waiting for this read: let go of everything
-            self.close()
-            return False
-        if not chunk:
-            return False
-        self._writer.write(chunk)
-        return True
+        with self._step() as go:
+            if not go:
+                return False
+            assert self._fd is not None and self._writer is not None
+            chunk = os.read(self._fd, READ_CHUNK)
+            if not chunk:
+                return False
+            self._writer.write(chunk)
+            return True
 
     def finish(self) -> StagedFile:
         assert self._writer is not None
         writer, self._writer = self._writer, None
         self.close()
         return writer.finish()
+
+    def abandon(self) -> None:
+        """The job stopped waiting for this copy: close it now, or, when a call is still running, as soon
+        as that call returns. Called on the event loop: closing a local file and removing a temp file do
+        not wait, and a worker thread may be the one that hangs."""
+        with self._lock:
+            self._abandoned = True
+            if not self._running:
+                self.close()
 
     def close(self) -> None:
         if self._writer is not None:
@@ -200,7 +233,7 @@ async def _stage(ctx: AppContext, handle: JobHandle, listed: ListedFile) -> Inco
             pass
         staged = await ctx.executor.run(copy.finish)
     except JobCancelled:
-        copy.abandoned = True  # a read still running closes the file when it returns
+        copy.abandon()  # between two calls or during one: either way nothing stays open
         raise
     except DomainError as exc:
         await ctx.executor.run(copy.close)

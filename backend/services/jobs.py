@@ -96,7 +96,10 @@ class JobHandle:
         """Await `work`, or raise JobCancelled as soon as a cancel is requested, whichever comes first. For
         steps that are safe to abandon (reading a file to stage it): a call in a thread that never returns
         (a read on a dead share) then holds only its thread, not the job, its queue or the shutdown."""
-        self.checkpoint()
+        if self.job.cancel_requested:
+            if asyncio.iscoroutine(work):
+                work.close()  # never started: nothing to wait for, and no "never awaited" warning
+            raise JobCancelled
         task = asyncio.ensure_future(work)
         waiter = asyncio.ensure_future(self._cancelled.wait())
         try:

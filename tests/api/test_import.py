@@ -11,8 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backend.models import Job
 from backend.services import importer as importer_service
-from tests.conftest import AppRunner
+from backend.services.jobs import JobCancelled, JobHandle
+from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes, wait_job
 
 
@@ -270,3 +272,36 @@ async def test_an_import_keeps_a_bounded_list_of_failures(run_app: AppRunner, tm
         assert len(listing.content) < 10_000  # three jobs of 300 failures each: it used to be ~250 KB
         whole = (await client.get(f"/jobs/{jobs[0]['id']}")).json()
         assert len(whole["result"]["failures"]) == 100 and whole["result"]["image_ids"]
+
+
+async def test_a_cancel_between_two_reads_leaves_nothing_open(
+    run_app: AppRunner, roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands after the file was opened and before its first read runs: the file is closed and
+    its temp file removed at once, not left for the next start's sweep."""
+    async with run_app(import_roots=[roots["root"]]) as client:
+        ctx = app_context(client)
+        loop = asyncio.get_running_loop()
+        handle = JobHandle(ctx.jobs, Job(id="c" * 32, kind="import", status="running", params={}))
+        real_open = importer_service.FileCopy.open
+
+        def open_then_cancel(copy: importer_service.FileCopy) -> None:
+            real_open(copy)
+            cancelled = threading.Event()
+
+            def cancel() -> None:
+                handle.request_cancel()
+                cancelled.set()
+
+            loop.call_soon_threadsafe(cancel)
+            cancelled.wait(10)
+
+        monkeypatch.setattr(importer_service.FileCopy, "open", open_then_cancel)
+        listed = importer_service.find_files(
+            roots["root"], recursive=False, roots=[roots["root"]], storage_root=ctx.settings.storage_root
+        )[0][0]
+        open_fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(JobCancelled):
+            await importer_service._stage(ctx, handle, listed)
+        assert list((ctx.settings.storage_root / "tmp").iterdir()) == []
+        assert len(os.listdir("/proc/self/fd")) == open_fds
