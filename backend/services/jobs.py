@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
@@ -145,9 +145,9 @@ class JobService:
         # not queue behind an import or a re-embedding that takes hours. It reads an index snapshot and
         # stores its run under the write lock, so it is safe next to them.
         self._lanes = {"cluster": asyncio.Semaphore(1)}
-        self._live: dict[str, Job] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # This process's jobs that have not finished yet: each one's handle (holding the live record) and task.
         self._handles: dict[str, JobHandle] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._queue_limit = queue_limit
         self._closing = False
 
@@ -184,15 +184,10 @@ class JobService:
         identical requests start one re-embedding, not twenty). TooManyJobs past the queue's limit."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
-        for live in self._live.values():
-            if (
-                live.kind == kind
-                and live.params == params
-                and live.status not in FINISHED
-                and not live.cancel_requested
-            ):
+        for live in self._unfinished(kind):
+            if live.params == params:
                 return _detached(live)
-        queued = sum(live.status == "queued" for live in self._live.values())
+        queued = sum(handle.job.status == "queued" for handle in self._handles.values())
         if queued >= self._queue_limit:
             raise TooManyJobs(
                 f"{queued} jobs are waiting already (JOB_QUEUE_LIMIT): wait for some to finish, or cancel some"
@@ -204,7 +199,6 @@ class JobService:
                 log.exception("could not delete expired jobs")
         job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
         await self._save(job)
-        self._live[job.id] = job
         self._handles[job.id] = JobHandle(self, job)
         self._tasks[job.id] = asyncio.create_task(self._run(job, func), name=f"job-{kind}-{job.id[:8]}")
         return _detached(job)
@@ -253,9 +247,18 @@ class JobService:
         except Exception:
             log.exception("could not record the end of job %s", job.id)
         finally:
-            self._live.pop(job.id, None)
-            self._tasks.pop(job.id, None)
-            self._handles.pop(job.id, None)
+            self._forget(job.id)
+
+    def _forget(self, job_id: str) -> None:
+        self._handles.pop(job_id, None)
+        self._tasks.pop(job_id, None)
+
+    def _unfinished(self, kind: str) -> Iterator[Job]:
+        """This process's queued and running jobs of `kind` no cancel was asked for, oldest first."""
+        for handle in self._handles.values():
+            job = handle.job
+            if job.kind == kind and job.status not in FINISHED and not job.cancel_requested:
+                yield job
 
     async def _save(self, job: Job) -> None:
         async with self._sessions() as session:
@@ -263,9 +266,9 @@ class JobService:
             await session.commit()
 
     async def get(self, job_id: str) -> Job:
-        live = self._live.get(job_id)
-        if live is not None:
-            return _detached(live)
+        handle = self._handles.get(job_id)
+        if handle is not None:
+            return _detached(handle.job)
         async with self._sessions() as session:
             job = await session.get(Job, job_id)
         if job is None:
@@ -287,18 +290,16 @@ class JobService:
         async with self._sessions() as session:
             rows = (await session.exec(query)).all()
             total = (await session.exec(select(func.count()).select_from(Job).where(*filters))).one()
-        return [_detached(self._live[row.id]) if row.id in self._live else row for row in rows], total
+        return [_detached(self._handles[row.id].job) if row.id in self._handles else row for row in rows], total
 
     async def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next checkpoint."""
-        live = self._live.get(job_id)
-        if live is None or live.status in FINISHED:
-            job = live or await self.get(job_id)
-            raise JobFinished(f"job {job_id} has finished already ({job.status})")
         handle = self._handles.get(job_id)
-        if handle is not None:
-            handle.request_cancel()  # also wakes a job waiting in `unless_cancelled`
-        live.cancel_requested = True
+        if handle is None or handle.job.status in FINISHED:
+            job = handle.job if handle is not None else await self.get(job_id)
+            raise JobFinished(f"job {job_id} has finished already ({job.status})")
+        live = handle.job
+        handle.request_cancel()  # also wakes a job waiting in `unless_cancelled`
         task = self._tasks.get(job_id)
         if live.status == "queued" and task is not None:
             task.cancel()  # it only waits for a slot: nothing to interrupt
@@ -308,19 +309,14 @@ class JobService:
                 # Cancelled before its task ever ran: _run never got to record the end, so record it here.
                 live.status, live.finished_at = "cancelled", utcnow()
                 await asyncio.shield(self._save(live))
-                self._live.pop(job_id, None)
-                self._tasks.pop(job_id, None)
-                self._handles.pop(job_id, None)
+                self._forget(job_id)
         else:
             await self._save(live)
         return _detached(live)
 
     def active(self, kind: str) -> Job | None:
         """The oldest queued or running job of this kind, if any."""
-        for job in self._live.values():
-            if job.kind == kind and job.status not in FINISHED and not job.cancel_requested:
-                return _detached(job)
-        return None
+        return next((_detached(job) for job in self._unfinished(kind)), None)
 
     async def wait(self, job_id: str) -> Job:
         task = self._tasks.get(job_id)
