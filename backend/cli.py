@@ -99,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings()
         if args.command == "serve":
             return _serve(settings, args.host, args.port, args.log_level)
-        if getattr(args, "collection", DEFAULT_COLLECTION) and not COLLECTION_NAME.match(args.collection):
-            raise CommandError(f"collection name {args.collection!r} must be 1-64 of a-z, 0-9, _ and -", 2)
+        _check_name(getattr(args, "collection", DEFAULT_COLLECTION))
         return asyncio.run(_COMMANDS[args.command](settings, args))
     except CommandError as exc:
         print(f"image-organizer: error: {exc}", file=sys.stderr)
@@ -118,9 +117,13 @@ def _settings() -> Settings:
         raise CommandError(f"invalid settings: {problems}", 2) from exc
 
 
-def _new_key(name: str) -> int:
+def _check_name(name: str) -> None:
     if not COLLECTION_NAME.match(name):
         raise CommandError(f"collection name {name!r} must be 1-64 of a-z, 0-9, _ and -", 2)
+
+
+def _new_key(name: str) -> int:
+    _check_name(name)
     apikeys.print_new_key(name)
     return 0
 
@@ -143,7 +146,8 @@ def _serve(settings: Settings, host: str, port: int, log_level: str) -> int:
 
 @asynccontextmanager
 async def _open(settings: Settings, name: str, *, maintain: bool = True) -> AsyncIterator[AppContext]:
-    """One collection opened in this process, with the shared parts it needs; closed (and saved) on exit."""
+    """One collection opened in this process, with the shared parts it needs; closed (and saved) on exit. A
+    domain error, in opening it or in the command's body, becomes the command's error."""
     from transformers.utils import logging as transformers_logging
 
     from backend.collections import StorageBusy, open_runtime
@@ -193,11 +197,8 @@ async def _import(settings: Settings, args: argparse.Namespace) -> int:
     from backend.services.importer import start_import
 
     async with _open(settings, args.collection) as ctx:
-        try:
-            folder = args.path.expanduser().absolute()
-            job = await start_import(ctx, str(folder), recursive=args.recursive, roots=[folder.resolve()])
-        except DomainError as exc:
-            raise CommandError(exc.detail) from exc
+        folder = args.path.expanduser().absolute()
+        job = await start_import(ctx, str(folder), recursive=args.recursive, roots=[folder.resolve()])
         result = await _follow(ctx, job.id, "files")
     print(
         f"imported {result['created']} new images, {result['duplicates']} already stored, "
@@ -212,10 +213,7 @@ async def _reindex(settings: Settings, args: argparse.Namespace) -> int:
     from backend.services.reindex import start_reindex
 
     async with _open(settings, args.collection) as ctx:
-        try:
-            job = await start_reindex(ctx, all_images=args.all)
-        except DomainError as exc:
-            raise CommandError(exc.detail) from exc
+        job = await start_reindex(ctx, all_images=args.all)
         result = await _follow(ctx, job.id, "images")
     print(f"re-embedded {result['reembedded']} images with {result['model']}, {result['failed']} failed")
     for failure in result.get("failures", [])[:20]:
@@ -227,10 +225,7 @@ async def _export(settings: Settings, args: argparse.Namespace) -> int:
     from backend.services.export import export_to_folder
 
     async with _open(settings, args.collection) as ctx:
-        try:
-            written, missing = await export_to_folder(ctx, args.run_id, args.to.expanduser().absolute())
-        except DomainError as exc:
-            raise CommandError(exc.detail) from exc
+        written, missing = await export_to_folder(ctx, args.run_id, args.to.expanduser().absolute())
     print(f"wrote {written} files into {args.to}" + (f" ({missing} deleted meanwhile, left out)" if missing else ""))
     return 0
 
