@@ -70,13 +70,23 @@ def build_shared(settings: Settings) -> Shared:
     """The executor, the pipeline, the model loaders and the tag vocabulary; CLIP starts loading at once
     (CLIP_PRELOAD), so it loads while the collections are opened."""
     set_pixel_limit(settings.max_image_pixels)
+    settings.embedding_model  # noqa: B018 - an impossible runtime or precision stops the start here, saying why
     executor = Executor(settings.executor_workers, settings.bulk_niceness)
     # Torch's own intra-op pool sized to the cores; the executor only decides how many calls run at once.
     torch.set_num_threads(executor.workers)
     clip = ModelLoader(
         label="CLIP",
         model_name=settings.clip_model_name,
-        loader=partial(ClipEmbedder.load, settings.clip_model_name, settings.clip_device, settings.embed_batch_size),
+        loader=partial(
+            ClipEmbedder.load,
+            settings.clip_model_name,
+            settings.clip_device,
+            settings.embed_batch_size,
+            runtime=settings.inference_runtime,
+            precision=settings.inference_precision,
+            cache_root=settings.onnx_cache,
+            threads=executor.workers,
+        ),
         executor=executor,
     )
     blip = ModelLoader(
@@ -88,6 +98,8 @@ def build_shared(settings: Settings) -> Shared:
             settings.blip_device,
             settings.caption_batch_size,
             settings.caption_max_tokens,
+            # BLIP follows an explicit bf16 only: `auto` keeps the captions of full precision.
+            "bf16" if settings.inference_precision == "bf16" else "fp32",
         ),
         executor=executor,
     )
@@ -216,7 +228,7 @@ async def open_collection(
             log.info("collection %s: deleted %d jobs that finished over JOB_RETENTION_DAYS ago", name, expired)
     index = IndexService(
         index_dir=store.index_dir,
-        model_name=settings.clip_model_name,
+        model_name=settings.embedding_model,
         executor=shared.executor,
         save_interval=settings.index_save_interval,
         layout=IndexLayout(settings.index_approximate_from, settings.index_probe_fraction),
@@ -224,14 +236,14 @@ async def open_collection(
     if maintain:
         await index.load_or_rebuild(sessions)
         async with sessions() as session:
-            _, stale = await count_images(session, model_name=settings.clip_model_name, indexed=index.count)
+            _, stale = await count_images(session, model_name=settings.embedding_model, indexed=index.count)
         if stale:
             log.warning(
                 "collection %s: %d images were embedded by another CLIP model than %r: they are not searched until "
                 "POST /reindex re-embeds them",
                 name,
                 stale,
-                settings.clip_model_name,
+                settings.embedding_model,
             )
         index.start_autosave()
     ctx = AppContext(

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     # Load the model while the app starts (in the background); false loads it on first use.
     clip_preload: bool = True
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
+    # What runs CLIP: ONNX Runtime or PyTorch (auto: ONNX Runtime on the CPU, PyTorch on CUDA and MPS), and
+    # at which precision (auto: fp32; bf16 needs AVX512_BF16 or AMX, int8 runs on ONNX Runtime). bf16 and
+    # int8 vectors are another model's to the catalog: changing to or from them re-embeds (POST /reindex).
+    inference_runtime: Literal["auto", "onnx", "torch"] = "auto"
+    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    # Where ONNX graphs exported from the model are kept between starts; empty: STORAGE_ROOT/models/onnx.
+    model_cache_dir: str = ""
 
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
@@ -156,6 +163,18 @@ class Settings(BaseSettings):
         return value.expanduser().resolve()
 
     @property
+    def onnx_cache(self) -> Path:
+        if self.model_cache_dir.strip():
+            return Path(self.model_cache_dir.strip()).expanduser().resolve()
+        return self.storage_root / "models" / "onnx"
+
+    @property
+    def embedding_model(self) -> str:
+        """The catalog's key for the vectors the current CLIP settings make: the model name, marked with the
+        precision when it is not full precision (InferenceConfigError when the settings cannot run here)."""
+        return _plan(self.clip_model_name, self.clip_device, self.inference_runtime, self.inference_precision)
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -165,6 +184,15 @@ class Settings(BaseSettings):
 def _split(value: str) -> list[str]:
     """A comma-separated setting's items, stripped, empty ones left out."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@lru_cache
+def _plan(model_name: str, device: str, runtime: str, precision: str) -> str:
+    from ml import inference
+    from ml.embedder import resolve_device
+
+    chosen = inference.plan(model_name, resolve_device(device), runtime, precision)  # type: ignore[arg-type]
+    return chosen.embedding_model
 
 
 @lru_cache

@@ -188,12 +188,45 @@ class IndexHealth(BaseModel):
     reorganizing: bool = Field(description="The index is being rebuilt in another layout; search goes on.")
 
 
+class ImageEmbedding(BaseModel):
+    id: int
+    model: str = Field(description="The catalog key of the model that made the vector (name, #precision if reduced).")
+    current: bool = Field(description="Whether the current CLIP settings make vectors of this model (searchable).")
+    precision: str = Field(description="fp32 (fp16 on CUDA counts as fp32 here), bf16 or int8.")
+    runtime: str | None = Field(
+        description="What serves this model now (onnx or torch), when it is the current one and loaded; fp32 "
+        "vectors of both runtimes agree to 1e-6, so the catalog does not tell them apart."
+    )
+    dim: int
+    vector: list[float] = Field(description="The L2-normalised vector, as stored (float32 values).")
+
+
+class TowerHealth(BaseModel):
+    runtime: str = Field(description="What runs this tower: onnx (ONNX Runtime) or torch (PyTorch).")
+    precision: str = Field(description="fp32, fp16, bf16 or int8.")
+
+
 class ModelHealth(BaseModel):
     name: str | None = Field(description="Hub id or directory; null without a valid key when keys are required.")
     device: str | None
     state: Literal["not_loaded", "loading", "loaded", "failed"]
     loaded: bool
     error: str | None = Field(default=None, description="Why it failed to load (null without a valid key).")
+    towers: dict[str, TowerHealth] | None = Field(
+        default=None,
+        description="Once loaded, what serves each part of the model: CLIP's `image` and `text` towers, BLIP's "
+        "`captioner`.",
+    )
+    embedding_model: str | None = Field(
+        default=None, description="CLIP: the key its vectors carry in the catalog (the name, #precision when reduced)."
+    )
+    graphs: str | None = Field(
+        default=None,
+        description="CLIP on ONNX Runtime: where its graphs came from (exported this start, cache, or directory).",
+    )
+    fallback: str | None = Field(
+        default=None, description="Why the planned runtime does not serve (an ONNX export that failed), or null."
+    )
 
 
 class Health(BaseModel):

@@ -10,6 +10,7 @@ model was evaluated with.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class BlipCaptioner:
     processor: Any
     batch_size: int = 8
     max_new_tokens: int = 30
+    # fp32 (fp16 on CUDA), or bf16 through autocast (INFERENCE_PRECISION=bf16, on a CPU that has it).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -44,10 +47,18 @@ class BlipCaptioner:
 
     @classmethod
     def load(
-        cls, model_name: str, device: str = "auto", batch_size: int = 8, max_new_tokens: int = 30
+        cls,
+        model_name: str,
+        device: str = "auto",
+        batch_size: int = 8,
+        max_new_tokens: int = 30,
+        precision: str = "fp32",
     ) -> BlipCaptioner:
         """Load by hub id or from a local directory holding a saved model and processor."""
         model, processor, resolved = load_pretrained(BlipForConditionalGeneration, model_name, device)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"BLIP runs in fp32 or bf16, not {precision}")
+        dtype = next(model.parameters()).dtype
         return cls(
             model_name=model_name,
             device=resolved,
@@ -55,6 +66,7 @@ class BlipCaptioner:
             processor=processor,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
+            precision="fp16" if dtype == torch.float16 else precision,
         )
 
     @property
@@ -72,7 +84,12 @@ class BlipCaptioner:
         captions: list[str] = []
         for start in range(0, pixel_values.shape[0], self.batch_size):
             chunk = pixel_values[start : start + self.batch_size].to(self.device, dtype=self.dtype)
-            with torch.inference_mode():
+            autocast = (
+                torch.autocast("cpu" if self.device == "mps" else self.device, dtype=torch.bfloat16)
+                if self.precision == "bf16"
+                else contextlib.nullcontext()
+            )
+            with torch.inference_mode(), autocast:
                 token_ids = self.model.generate(
                     pixel_values=chunk,
                     max_new_tokens=self.max_new_tokens,

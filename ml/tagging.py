@@ -40,8 +40,7 @@ class TagVocabulary:
     def build(cls, embedder: ClipEmbedder, names: Sequence[str] = DEFAULT_TAGS) -> TagVocabulary:
         unique = tuple(dict.fromkeys(name.strip() for name in names if name.strip()))
         vectors = embedder.embed_texts([PROMPT.format(name) for name in unique])
-        scale = float(embedder.model.logit_scale.exp().item())
-        return cls(names=unique, vectors=vectors, scale=scale, model_name=embedder.model_name)
+        return cls(names=unique, vectors=vectors, scale=embedder.logit_scale, model_name=embedder.embedding_model)
 
     def top(self, image_vectors: np.ndarray, k: int, min_score: float = 0.0) -> list[list[tuple[str, float]]]:
         """For each image, up to k (tag, softmax share) pairs, best first, each at least min_score."""

@@ -34,6 +34,8 @@ def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> Settin
         storage_root=tmp_path / "storage",
         clip_model_name=str(tiny_clip_dir),
         clip_device="cpu",
+        # One ONNX export of the tiny model for the whole session, not one per test's storage.
+        model_cache_dir=str(tiny_clip_dir.parent / "onnx-cache"),
         blip_model_name=str(tiny_blip_dir),
         blip_device="cpu",
         caption_max_tokens=8,

@@ -9,6 +9,7 @@ from backend.errors import domain_error_response, http_status
 from backend.models import (
     VALIDATION_ERROR_RESPONSE,
     ErrorBody,
+    ImageEmbedding,
     ImagePublic,
     ImagesPublic,
     ImageUploaded,
@@ -160,6 +161,18 @@ async def import_folder(ctx: ContextDep, request: ImportRequest, response: Respo
 async def get_image(ctx: ContextDep, image_id: ImageId) -> ImagePublic:
     """Metadata of one image, with its tags and caption."""
     return await catalog.get_image(ctx, image_id)
+
+
+@router.get(
+    "/{image_id}/embedding",
+    response_model=ImageEmbedding,
+    summary="One image's CLIP vector",
+    responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "The stored vector is damaged"}},
+)
+async def get_embedding(ctx: ContextDep, image_id: ImageId) -> ImageEmbedding:
+    """The stored vector (a list of floats, L2-normalised), the model that made it, whether it is the current
+    one, and its precision and runtime, for exporting embeddings."""
+    return await catalog.image_embedding(ctx, image_id)
 
 
 @router.post(

@@ -18,7 +18,16 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
 from backend.errors import ImageNotFound, StoredFileMissing
-from backend.models import Image, ImagePublic, ImagesPublic, ImageTag, ImageUploaded, TagScore, TagsPublic
+from backend.models import (
+    Image,
+    ImageEmbedding,
+    ImagePublic,
+    ImagesPublic,
+    ImageTag,
+    ImageUploaded,
+    TagScore,
+    TagsPublic,
+)
 from backend.services.tagging import load_tags, tag_counts
 
 
@@ -80,7 +89,7 @@ async def list_images(ctx: AppContext, *, offset: int, limit: int, tag: str | No
     async with ctx.sessions() as session:
         query = select(Image)
         if tag is None:
-            count, _ = await count_images(session, model_name=ctx.settings.clip_model_name, indexed=ctx.index.count)
+            count, _ = await count_images(session, model_name=ctx.settings.embedding_model, indexed=ctx.index.count)
         else:
             tagged = select(ImageTag.image_id).where(ImageTag.tag == ctx.tags.canonical(tag))
             query = query.where(col(Image.id).in_(tagged))
@@ -103,6 +112,30 @@ async def get_image(ctx: AppContext, image_id: int) -> ImagePublic:
     """One image's record, with its tags and caption."""
     async with ctx.sessions() as session:
         return (await publish(session, [await load_image(session, image_id)]))[0]
+
+
+async def image_embedding(ctx: AppContext, image_id: int) -> ImageEmbedding:
+    """The stored vector of one image with the model that made it; DamagedVector when the row's blob is unreadable."""
+    from backend.errors import DamagedVector
+    from backend.services.index import stored_vector
+
+    async with ctx.sessions() as session:
+        image = await load_image(session, image_id)
+    vector = stored_vector(image.embedding, image.embedding_dim)
+    if vector is None:
+        raise DamagedVector(f"the stored vector of image {image_id} is damaged: POST /reindex makes it again")
+    current = image.embedding_model == ctx.settings.embedding_model
+    loaded = ctx.clip.loaded
+    _, _, marked = image.embedding_model.rpartition("#")
+    return ImageEmbedding(
+        id=image_id,
+        model=image.embedding_model,
+        current=current,
+        precision=marked if marked in ("bf16", "int8") and "#" in image.embedding_model else "fp32",
+        runtime=loaded.runtime if current and loaded is not None else None,
+        dim=image.embedding_dim,
+        vector=[float(value) for value in vector],
+    )
 
 
 async def stored_file(ctx: AppContext, image_id: int, which: Literal["original", "thumbnail"]) -> StoredFile:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from backend.context import AppContext
-from backend.models import Health, ModelHealth
+from backend.models import Health, ModelHealth, TowerHealth
 from backend.services.catalog import count_images
 from backend.services.model_loader import ModelLoader
+from ml.captioner import BlipCaptioner
+from ml.embedder import ClipEmbedder
 
 
 async def service_health(default: AppContext, caller: AppContext | None) -> Health:
@@ -18,7 +20,7 @@ async def service_health(default: AppContext, caller: AppContext | None) -> Heal
     if caller is not None:
         async with caller.sessions() as session:
             images, stale = await count_images(
-                session, model_name=caller.settings.clip_model_name, indexed=caller.index.count
+                session, model_name=caller.settings.embedding_model, indexed=caller.index.count
             )
         index = caller.index.status()
     return Health(
@@ -34,11 +36,25 @@ async def service_health(default: AppContext, caller: AppContext | None) -> Heal
 
 
 def _model_health(loader: ModelLoader[Any], *, detailed: bool) -> ModelHealth:
-    """The model's state; its name (a path, maybe) and load error only for a caller with access."""
+    """The model's state and what serves it; its name (a path, maybe), load error and fallback reason only for a
+    caller with access."""
+    model = loader.loaded
+    towers = embedding_model = graphs = fallback = None
+    if isinstance(model, ClipEmbedder):
+        tower = TowerHealth(runtime=model.runtime, precision=model.precision)
+        towers = {"image": tower, "text": tower}
+        embedding_model = model.embedding_model if detailed else None
+        graphs, fallback = model.graphs, model.fallback if detailed else None
+    elif isinstance(model, BlipCaptioner):
+        towers = {"captioner": TowerHealth(runtime="torch", precision=model.precision)}
     return ModelHealth(
         name=loader.model_name if detailed else None,
         device=loader.device,
         state=loader.state,
         loaded=loader.state == "loaded",
         error=loader.error if detailed else None,
+        towers=towers,
+        embedding_model=embedding_model,
+        graphs=graphs,
+        fallback=fallback,
     )

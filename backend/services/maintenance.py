@@ -156,7 +156,7 @@ async def check_collection(ctx: AppContext, *, repair: bool = False) -> CheckRep
     """Compare the database, the files on disk and the saved index of a collection opened without
     maintenance (`open_collection(maintain=False)`); with `repair`, fix what loses no data."""
     report = CheckReport(collection=ctx.collection)
-    model = ctx.settings.clip_model_name
+    model = ctx.settings.embedding_model
     files = await ctx.executor.run(_files_by_sha, ctx.store.root)
     report.temp_files = await ctx.executor.run(lambda: sum(1 for p in ctx.store.tmp_dir.glob("*") if p.is_file()))
     known: set[str] = set()

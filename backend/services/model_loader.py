@@ -50,6 +50,11 @@ class ModelLoader(Generic[M]):
         return self._error
 
     @property
+    def loaded(self) -> M | None:
+        """The model once loaded (None before), without waiting or loading."""
+        return self._model
+
+    @property
     def device(self) -> str | None:
         return self._model.device if self._model else None
 
@@ -67,12 +72,19 @@ class ModelLoader(Generic[M]):
             self._failed_at = time.monotonic()
             log.error("could not load %s model %r: %s", self.label, self.model_name, self._error)
             return None
+        if isinstance(model, ClipEmbedder):
+            # Queries' text sessions get threads of the query lane's priority (see ClipEmbedder.prepare_query_lane).
+            try:
+                await self._executor.run_query(model.prepare_query_lane)
+            except Exception as exc:  # the bulk lane's session still answers
+                log.warning("could not prepare the query lane's text session: %s", _describe(exc))
         self._model = model
         log.info(
-            "loaded %s model %r on %s in %.1fs",
+            "loaded %s model %r on %s (%s) in %.1fs",
             self.label,
             self.model_name,
             model.device,
+            getattr(model, "runtime", "torch") + " " + str(getattr(model, "precision", "")),
             time.perf_counter() - started,
         )
         return model

@@ -16,7 +16,7 @@ async def collection_map(ctx: AppContext, *, run_id: int | None, max_points: int
     """Points for the images in the index (a seeded sample past `max_points`), coloured by `run_id`'s
     clusters, or by the newest run the current CLIP model made when no run is named."""
     async with ctx.sessions() as session:
-        run = await _run(session, run_id, ctx.settings.clip_model_name)
+        run = await _run(session, run_id, ctx.settings.embedding_model)
     total = ctx.index.count
     ids, vectors = await ctx.index.sample(max_points, ctx.settings.cluster_seed)
     total = max(total, len(ids))

@@ -30,14 +30,14 @@ async def start_reindex(ctx: AppContext, *, all_images: bool = False) -> Job:
     async def run(handle: JobHandle) -> dict[str, Any]:
         return await _run(ctx, handle, all_images)
 
-    return await ctx.jobs.submit("reindex", {"model": embedder.model_name, "all": all_images}, run)
+    return await ctx.jobs.submit("reindex", {"model": embedder.embedding_model, "all": all_images}, run)
 
 
 async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str, Any]:
     embedder = await ctx.clip.get()
     query = select(Image.id).order_by(col(Image.id))
     if not all_images:
-        query = query.where(Image.embedding_model != embedder.model_name)
+        query = query.where(Image.embedding_model != embedder.embedding_model)
     async with ctx.sessions() as session:
         ids = [int(i) for i in (await session.exec(query)).all() if i is not None]
     done = 0
@@ -50,7 +50,8 @@ async def _run(ctx: AppContext, handle: JobHandle, all_images: bool) -> dict[str
         for failure in failed:
             failures.add(**failure)
         await handle.progress(start + len(batch), len(ids), "re-embedding")
-    return {"model": embedder.model_name, "reembedded": done, "failed": failures.count, "failures": failures.listed}
+    model = embedder.embedding_model
+    return {"model": model, "reembedded": done, "failed": failures.count, "failures": failures.listed}
 
 
 async def reembed_images(ctx: AppContext, ids: list[int]) -> tuple[int, list[dict[str, Any]]]:
@@ -91,7 +92,7 @@ async def _reembed_batch(ctx: AppContext, embedder: ClipEmbedder, batch: list[in
                 .values(
                     embedding=vector_to_blob(vector),
                     embedding_dim=int(vector.shape[0]),
-                    embedding_model=embedder.model_name,
+                    embedding_model=embedder.embedding_model,
                 )
             )
             if result.rowcount:

@@ -125,7 +125,7 @@ async def _answering_run(ctx: AppContext, asked: dict[str, object]) -> int | Non
     if run is None:
         return None
     searchable = ctx.index.count
-    stale = searchable > 0 and (run.image_count == 0 or run.embedding_model != ctx.settings.clip_model_name)
+    stale = searchable > 0 and (run.image_count == 0 or run.embedding_model != ctx.settings.embedding_model)
     differs = any(getattr(run, name) != value for name, value in asked.items())
     return None if stale or differs else run.id
 

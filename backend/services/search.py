@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from backend.context import AppContext
@@ -12,12 +14,30 @@ from backend.services.index import stored_vector
 from backend.services.storage import Receive
 from backend.services.tagging import load_tags
 
+# Recent queries' vectors, per model key: a repeated query (paging, a refreshed page) skips the text tower.
+QUERY_CACHE_SIZE = 256
+_query_vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+
+
+async def query_vector(ctx: AppContext, query: str) -> np.ndarray:
+    """The text tower's vector for `query`, from the cache of recent queries when it is there."""
+    embedder = await ctx.clip.get()
+    key = (embedder.embedding_model, query)
+    cached = _query_vectors.get(key)
+    if cached is not None:
+        _query_vectors.move_to_end(key)
+        return cached
+    vector: np.ndarray = (await ctx.executor.run_query(embedder.embed_texts, [query]))[0]
+    vector.setflags(write=False)
+    _query_vectors[key] = vector
+    while len(_query_vectors) > QUERY_CACHE_SIZE:
+        _query_vectors.popitem(last=False)
+    return vector
+
 
 async def search_text(ctx: AppContext, query: str, *, top_k: int) -> SearchResults:
     """The images whose CLIP vectors lie closest to the sentence's, best first."""
-    embedder = await ctx.clip.get()
-    vectors = await ctx.executor.run_query(embedder.embed_texts, [query])
-    hits = await _hits(ctx, vectors[0], top_k)
+    hits = await _hits(ctx, await query_vector(ctx, query), top_k)
     return SearchResults(query=query, count=len(hits), results=hits)
 
 
@@ -25,10 +45,10 @@ async def search_similar(ctx: AppContext, image_id: int, *, top_k: int) -> Searc
     """Neighbours of a stored image's own vector; the image itself is left out."""
     async with ctx.sessions() as session:
         image = await load_image(session, image_id)
-    if image.embedding_model != ctx.settings.clip_model_name:
+    if image.embedding_model != ctx.settings.embedding_model:
         raise StaleEmbedding(
             f"image {image_id} was embedded by {image.embedding_model!r}, not by the current model "
-            f"{ctx.settings.clip_model_name!r}"
+            f"{ctx.settings.embedding_model!r}"
         )
     vector = stored_vector(image.embedding, image.embedding_dim)
     if vector is None:

@@ -28,7 +28,7 @@ class TagService:
 
     async def vocabulary(self, embedder: ClipEmbedder) -> TagVocabulary:
         async with self._lock:
-            if self._vocabulary is None or self._vocabulary.model_name != embedder.model_name:
+            if self._vocabulary is None or self._vocabulary.model_name != embedder.embedding_model:
                 self._vocabulary = await self._executor.run(TagVocabulary.build, embedder, self.names)
             return self._vocabulary
 

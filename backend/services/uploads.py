@@ -208,7 +208,7 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
         taken_at=info.taken_at,
         size_bytes=staged.size,
         sha256=staged.sha256,
-        embedding_model=embedder.model_name,
+        embedding_model=embedder.embedding_model,
         embedding_dim=int(vector.shape[0]),
         embedding=vector_to_blob(vector),
         storage_key=storage_key,

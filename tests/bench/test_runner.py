@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.ingest import fidelity, fidelity_figure
+from bench.ingest import fidelity_figure, fidelity_jpeg
 from bench.report import Figure, Report
 from ml.embedder import ClipEmbedder
 
@@ -83,8 +83,8 @@ def test_quick_run_prints_every_figure_with_a_verdict_that_agrees_and_exits_by_i
 
 def test_a_figure_with_nothing_measured_fails_its_target(tiny_clip_dir: Path, tmp_path: Path) -> None:
     """No JPEG photo among the files: the fidelity figure is a FAIL saying so, never the 1.0 it used to be."""
-    embedder = ClipEmbedder.load(str(tiny_clip_dir), "cpu")
-    assert fidelity(embedder, []) is None
+    embedder = ClipEmbedder.load(str(tiny_clip_dir), "cpu", runtime="torch")
+    assert fidelity_jpeg(embedder, []) is None
     empty = fidelity_figure(None)
     assert math.isnan(empty.value) and empty.passed is False and empty.verdict() == "FAIL"
     assert "no JPEG" in empty.note

@@ -28,6 +28,7 @@ def run_cli(settings: Settings, *args: str, cwd: Path | None = None, **env: str)
         "STORAGE_ROOT": str(settings.storage_root),
         "CLIP_MODEL_NAME": settings.clip_model_name,
         "CLIP_DEVICE": "cpu",
+        "MODEL_CACHE_DIR": str(settings.onnx_cache),
         "BLIP_MODEL_NAME": settings.blip_model_name,
         "BLIP_DEVICE": "cpu",
         "EXECUTOR_WORKERS": "2",

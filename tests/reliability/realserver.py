@@ -29,7 +29,8 @@ def sha256(data: bytes) -> str:
 def real_server(storage: Path, clip: Path, **settings: str) -> Iterator[RunningServer]:
     """The service over `storage` on a free loopback port; stopped (or found dead) when the block ends, even
     when the test fails. Its log is kept beside the storage, one file per start."""
-    settings = {"EXECUTOR_WORKERS": "2", **settings}
+    # One ONNX export of the tiny model for the session's servers, beside the model (see tests/conftest.py).
+    settings = {"EXECUTOR_WORKERS": "2", "MODEL_CACHE_DIR": str(clip.parent / "onnx-cache"), **settings}
     try:
         with ExitStack() as stack:
             try:
