@@ -158,9 +158,15 @@ class ClipEmbedder:
         resolved = resolve_device(device)
         chosen = inference.plan(model_name, resolved, runtime, precision)
         if chosen.runtime == "onnx":
-            # Reading the model's own files fails the same on every runtime: that error is the load's.
+            # Reading the model's own files fails the same on every runtime: that error is the load's, an OSError
+            # as on PyTorch's path (a folder that holds no model, a processor that cannot be read).
+            if local and not (Path(source) / "config.json").is_file():
+                raise OSError(f"{source} holds no model (no config.json)")
             with _LOAD_LOCK:
-                processor = AutoProcessor.from_pretrained(source)
+                try:
+                    processor = AutoProcessor.from_pretrained(source)
+                except ValueError as exc:
+                    raise OSError(f"cannot read the processor of {model_name}: {exc}") from exc
             revision = onnx_clip.source_revision(source, local)
             try:
                 return cls._exported(model_name, processor, revision, chosen, batch_size, threads, cache_root)
