@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.apikeys import KeyEntry, parse_entry
+from ml.inference import PrecisionSetting, RuntimeSetting, plan
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -31,10 +32,10 @@ class Settings(BaseSettings):
     clip_preload: bool = True
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
     # What runs CLIP: ONNX Runtime or PyTorch (auto: ONNX Runtime on the CPU, PyTorch on CUDA and MPS), and
-    # at which precision (auto: fp32; bf16 needs AVX512_BF16 or AMX, int8 runs on ONNX Runtime). bf16 and
-    # int8 vectors are another model's to the catalog: changing to or from them re-embeds (POST /reindex).
-    inference_runtime: Literal["auto", "onnx", "torch"] = "auto"
-    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    # at which precision (auto: fp32; bf16 needs AVX512_BF16 or AMX; int8 is refused, it missed its fidelity
+    # bound). bf16 vectors are another model's to the catalog: changing to or from it re-embeds (POST /reindex).
+    inference_runtime: RuntimeSetting = "auto"
+    inference_precision: PrecisionSetting = "auto"
     # Where ONNX graphs exported from the model are kept between starts; empty: STORAGE_ROOT/models/onnx.
     model_cache_dir: str = ""
 
@@ -187,12 +188,10 @@ def _split(value: str) -> list[str]:
 
 
 @lru_cache
-def _plan(model_name: str, device: str, runtime: str, precision: str) -> str:
-    from ml import inference
-    from ml.embedder import resolve_device
+def _plan(model_name: str, device: str, runtime: RuntimeSetting, precision: PrecisionSetting) -> str:
+    from ml.embedder import resolve_device  # imports torch: only once the plan is asked for
 
-    chosen = inference.plan(model_name, resolve_device(device), runtime, precision)  # type: ignore[arg-type]
-    return chosen.embedding_model
+    return plan(model_name, resolve_device(device), runtime, precision).embedding_model
 
 
 @lru_cache

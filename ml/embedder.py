@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel, PreTrainedModel
 
-from ml import inference, onnx_clip
+from ml import fidelity, inference, onnx_clip
 from ml.inference import PrecisionSetting, RuntimeSetting
 
 log = logging.getLogger(__name__)
@@ -316,8 +316,8 @@ def model_source(model_name: str) -> tuple[str, bool]:
 
 
 def calibration_inputs(processor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample inputs for the export: 8 generated images (gradients, blocks and noise) and 8 everyday
-    queries, preprocessed by the model's own processor. Deterministic."""
+    """Sample inputs for the export: 8 generated images (gradients, blocks and noise) and 8 of the everyday
+    queries in ml/fidelity.py, preprocessed by the model's own processor. Deterministic."""
     rng = np.random.default_rng(0)
     images = []
     for n in range(8):
@@ -327,16 +327,7 @@ def calibration_inputs(processor: Any) -> tuple[torch.Tensor, torch.Tensor, torc
         base[block[0] : block[0] + 60, block[1] : block[1] + 60] = rng.uniform(0, 255, 3)
         noisy = base + rng.normal(0, 12 + n, base.shape)
         images.append(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))
-    texts = [
-        "a photo of a dog",
-        "sunset over the sea",
-        "two people at a wedding",
-        "a plate of food on a table",
-        "snow on the mountains",
-        "a red car parked in a street at night",
-        "children playing football",
-        "a cat",
-    ]
+    texts = list(fidelity.QUERIES[:8])
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = processor.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
     return pixels, tokens["input_ids"], tokens["attention_mask"]

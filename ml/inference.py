@@ -72,6 +72,16 @@ def embedding_key(model_name: str, precision: Precision) -> str:
     return model_name if precision in ("fp32", "fp16") else f"{model_name}#{precision}"
 
 
+def key_precision(key: str) -> Precision:
+    """The precision a catalog key names (the inverse of embedding_key): fp32 when it carries none."""
+    _, marker, suffix = key.rpartition("#")
+    if marker and suffix == "bf16":
+        return "bf16"
+    if marker and suffix == "int8":
+        return "int8"
+    return "fp32"
+
+
 def plan(
     model_name: str,
     device: str,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ class OnnxTowers:
         self.visual = open_session(directory / "visual" / "model.onnx", threads)
         self.image_input = self.visual.get_inputs()[0].name
         self.textual_path = directory / "textual" / "model.onnx"
-        self._textual: Any = None
+        # Opened now, so a graph that cannot load fails the load; the query lane may make it again on its own
+        # thread (reopen_text_session).
+        self._textual = open_session(self.textual_path, threads)
         self._lock = threading.Lock()
-        self.text_style = self._text_inputs(open_session(self.textual_path, 1))
+        self.text_style = self._text_inputs(self._textual)
 
     @property
     def dim(self) -> int:
@@ -77,8 +80,6 @@ class OnnxTowers:
 
     def text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with self._lock:
-            if self._textual is None:  # nobody prepared a lane for queries: make it here
-                self._textual = open_session(self.textual_path, self.threads)
             session = self._textual
         if self.text_style == "input_ids":
             feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
@@ -121,7 +122,7 @@ def source_revision(source: str, local: bool) -> str:
         digest = hashlib.sha256()
         folder = Path(source)
         for path in sorted(folder.iterdir()):
-            if path.is_file() and (path.suffix in {".safetensors", ".bin", ".json"} or path.name == "config.json"):
+            if path.is_file() and path.suffix in {".safetensors", ".bin", ".json"}:
                 digest.update(path.name.encode() + b"\0")
                 with open(path, "rb") as handle:
                     digest.update(hashlib.file_digest(handle, "sha256").digest())
@@ -135,7 +136,6 @@ def source_revision(source: str, local: bool) -> str:
 def exporter_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
-    import torch
     import transformers
 
     return {
@@ -188,8 +188,6 @@ def export(model: Any, target: Path, key: dict[str, Any], calibration: tuple[Any
     sample inputs."""
     import warnings
 
-    import torch
-
     pixels, input_ids, attention_mask = calibration
     started = time.perf_counter()
     manifest: dict[str, Any] = {**key, "logit_scale": float(model.logit_scale.exp().item())}
@@ -232,39 +230,27 @@ def export(model: Any, target: Path, key: dict[str, Any], calibration: tuple[Any
     return manifest
 
 
-class _ImageTower:
-    """Pixels -> projected image embedding, as an nn.Module the exporter can trace."""
+class _ImageTower(torch.nn.Module):
+    """Pixels -> projected image embedding, as a module the exporter can trace."""
 
-    def __new__(cls, model: Any) -> Any:
-        import torch
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.clip = model
 
-        class ImageTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = model
-
-            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-                features: torch.Tensor = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
-                return features
-
-        return ImageTower()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+        return features
 
 
-class _TextTower:
+class _TextTower(torch.nn.Module):
     """Token ids and mask -> projected text embedding."""
 
-    def __new__(cls, model: Any) -> Any:
-        import torch
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.clip = model
 
-        class TextTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = model
-
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                features: torch.Tensor = self.clip.get_text_features(
-                    input_ids=input_ids, attention_mask=attention_mask
-                ).pooler_output
-                return features
-
-        return TextTower()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.clip.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).pooler_output
+        return features

@@ -17,7 +17,7 @@ from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
-from backend.errors import ImageNotFound, StoredFileMissing
+from backend.errors import DamagedVector, ImageNotFound, StoredFileMissing
 from backend.models import (
     Image,
     ImageEmbedding,
@@ -28,7 +28,9 @@ from backend.models import (
     TagScore,
     TagsPublic,
 )
+from backend.services.index import stored_vector
 from backend.services.tagging import load_tags, tag_counts
+from ml.inference import key_precision
 
 
 @dataclass(frozen=True)
@@ -114,24 +116,28 @@ async def get_image(ctx: AppContext, image_id: int) -> ImagePublic:
         return (await publish(session, [await load_image(session, image_id)]))[0]
 
 
-async def image_embedding(ctx: AppContext, image_id: int) -> ImageEmbedding:
-    """The stored vector of one image with the model that made it; DamagedVector when the row's blob is unreadable."""
-    from backend.errors import DamagedVector
-    from backend.services.index import stored_vector
-
-    async with ctx.sessions() as session:
-        image = await load_image(session, image_id)
+def image_vector(image: Image) -> np.ndarray:
+    """An image's stored vector; DamagedVector when its row's blob cannot be read."""
     vector = stored_vector(image.embedding, image.embedding_dim)
     if vector is None:
-        raise DamagedVector(f"the stored vector of image {image_id} is damaged: POST /reindex makes it again")
+        raise DamagedVector(
+            f"the stored vector of image {image.id} is damaged: `image-organizer check --repair` mends it"
+        )
+    return vector
+
+
+async def image_embedding(ctx: AppContext, image_id: int) -> ImageEmbedding:
+    """The stored vector of one image with the model that made it; DamagedVector when the row's blob is unreadable."""
+    async with ctx.sessions() as session:
+        image = await load_image(session, image_id)
+    vector = image_vector(image)
     current = image.embedding_model == ctx.settings.embedding_model
     loaded = ctx.clip.loaded
-    _, _, marked = image.embedding_model.rpartition("#")
     return ImageEmbedding(
         id=image_id,
         model=image.embedding_model,
         current=current,
-        precision=marked if marked in ("bf16", "int8") and "#" in image.embedding_model else "fp32",
+        precision=key_precision(image.embedding_model),
         runtime=loaded.runtime if current and loaded is not None else None,
         dim=image.embedding_dim,
         vector=[float(value) for value in vector],

@@ -7,10 +7,9 @@ from collections import OrderedDict
 import numpy as np
 
 from backend.context import AppContext
-from backend.errors import DamagedVector, DomainError, StaleEmbedding
+from backend.errors import DomainError, StaleEmbedding
 from backend.models import SearchHit, SearchResults
-from backend.services.catalog import get_images_by_ids, image_public, load_image
-from backend.services.index import stored_vector
+from backend.services.catalog import get_images_by_ids, image_public, image_vector, load_image
 from backend.services.storage import Receive
 from backend.services.tagging import load_tags
 
@@ -50,12 +49,7 @@ async def search_similar(ctx: AppContext, image_id: int, *, top_k: int) -> Searc
             f"image {image_id} was embedded by {image.embedding_model!r}, not by the current model "
             f"{ctx.settings.embedding_model!r}"
         )
-    vector = stored_vector(image.embedding, image.embedding_dim)
-    if vector is None:
-        raise DamagedVector(
-            f"the stored vector of image {image_id} is damaged: `image-organizer check --repair` mends it"
-        )
-    hits = await _hits(ctx, vector, top_k + 1)
+    hits = await _hits(ctx, image_vector(image), top_k + 1)
     hits = [hit for hit in hits if hit.image.id != image_id][:top_k]
     return SearchResults(image_id=image_id, count=len(hits), results=hits)
 

@@ -149,3 +149,7 @@ async def test_similar_to_an_image_whose_stored_vector_is_damaged_says_so(client
     assert response.status_code == 409, response.text
     assert response.json()["code"] == "damaged_vector" and "check --repair" in response.json()["detail"]
     assert (await client.get(f"/images/{images[1]['id']}/similar")).status_code == 200  # the others answer
+    # Its stored vector is refused the same way, not sent as garbage.
+    embedding = await client.get(f"/images/{images[0]['id']}/embedding")
+    assert embedding.status_code == 409, embedding.text
+    assert embedding.json()["code"] == "damaged_vector" and "check --repair" in embedding.json()["detail"]
