@@ -33,6 +33,7 @@ from backend.services.index import IndexService
 from backend.services.jobs import JobService
 from backend.services.maintenance import sweep_in_background
 from backend.services.model_loader import ModelLoader
+from backend.services.pgvector_index import PgVectorIndex
 from backend.services.pipeline import ImagePipeline
 from backend.services.storage import FileStore
 from backend.services.tagging import TagService
@@ -137,8 +138,9 @@ class StorageLock:
 
     NAME = ".organizer.lock"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, shared: bool = False) -> None:
         self.path = root / self.NAME
+        self.shared = shared
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -147,7 +149,7 @@ class StorageLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held open until release()
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -155,10 +157,11 @@ class StorageLock:
             raise StorageBusy(
                 f"{self.path.parent} is in use by {holder}: stop it first, or do this through its API"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()}")
-        handle.flush()
+        if not self.shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()}")
+            handle.flush()
         self._file = handle
 
     def release(self) -> None:
@@ -171,7 +174,9 @@ class StorageLock:
 async def open_runtime(settings: Settings) -> AsyncIterator[Collections]:
     """Everything one process of the service runs on: the storage lock, the shared parts, the collections.
     The server's lifespan and the command line both use it; on exit every collection is closed and saved."""
-    lock = StorageLock(settings.storage_root)
+    # Beside PostgreSQL, replicas share STORAGE_ROOT: they hold the lock together (an embedded-mode process,
+    # whose index is in its own memory, cannot take it while they run, nor they while it does).
+    lock = StorageLock(settings.storage_root, shared=settings.uses_postgres)
     lock.acquire()
     try:
         shared = build_shared(settings)
@@ -183,6 +188,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Collections]:
             await shared.close()
     finally:
         lock.release()
+
+
+def collection_schema(name: str) -> str:
+    """The PostgreSQL schema of a collection other than `default` (which lives in `public`)."""
+    return f"collection_{name}"
 
 
 def collection_root(settings: Settings, name: str) -> Path:
@@ -199,25 +209,35 @@ async def open_collection(
     it (`image-organizer check`) nothing is changed and the index is left unloaded, to be compared as it is.
     """
     settings = shared.settings
-    store = FileStore(collection_root(settings, name))
+    postgres = settings.uses_postgres
+    store = FileStore(collection_root(settings, name), replica=settings.replica if postgres else None)
     await shared.executor.run(store.ensure_dirs)
     if maintain:
         swept = await shared.executor.run(store.sweep_tmp)
         if swept:
             log.info("collection %s: removed %d temp files left by an earlier run", name, swept)
-    url = (
-        settings.effective_database_url
-        if name == DEFAULT_COLLECTION
-        else f"sqlite+aiosqlite:///{store.root / 'organizer.db'}"
-    )
-    engine = create_engine(url)
-    await init_schema(engine)
+    if postgres:
+        # One database, a schema per collection: the same tables, no query of one reaches another's rows.
+        schema = None if name == DEFAULT_COLLECTION else collection_schema(name)
+        engine = create_engine(settings.effective_database_url, schema=schema, pool_size=settings.database_pool_size)
+    else:
+        schema = None
+        url = (
+            settings.effective_database_url
+            if name == DEFAULT_COLLECTION
+            else f"sqlite+aiosqlite:///{store.root / 'organizer.db'}"
+        )
+        engine = create_engine(url)
+    await init_schema(engine, schema=schema)
     sessions = session_factory(engine)
     jobs = JobService(
         sessions,
         concurrency=settings.job_concurrency,
         queue_limit=settings.job_queue_limit,
         retention_days=settings.job_retention_days,
+        replica=settings.replica,
+        lease_seconds=settings.job_lease_seconds,
+        shared=postgres,
     )
     if maintain:
         interrupted = await jobs.recover()
@@ -226,17 +246,29 @@ async def open_collection(
         expired = await jobs.expire()
         if expired:
             log.info("collection %s: deleted %d jobs that finished over JOB_RETENTION_DAYS ago", name, expired)
-    index = IndexService(
-        index_dir=store.index_dir,
-        model_name=settings.embedding_model,
-        executor=shared.executor,
-        save_interval=settings.index_save_interval,
-        layout=IndexLayout(settings.index_approximate_from, settings.index_probe_fraction),
-    )
+    index: IndexService | PgVectorIndex
+    if postgres:
+        index = PgVectorIndex(
+            engine=engine,
+            sessions=sessions,
+            model_name=settings.embedding_model,
+            executor=shared.executor,
+            m=settings.pgvector_hnsw_m,
+            ef_construction=settings.pgvector_ef_construction,
+            ef_search=settings.pgvector_ef_search,
+        )
+    else:
+        index = IndexService(
+            index_dir=store.index_dir,
+            model_name=settings.embedding_model,
+            executor=shared.executor,
+            save_interval=settings.index_save_interval,
+            layout=IndexLayout(settings.index_approximate_from, settings.index_probe_fraction),
+        )
     if maintain:
         await index.load_or_rebuild(sessions)
         async with sessions() as session:
-            _, stale = await count_images(session, model_name=settings.embedding_model, indexed=index.count)
+            _, stale = await count_images(session, model_name=settings.embedding_model, indexed=await index.size())
         if stale:
             log.warning(
                 "collection %s: %d images were embedded by another CLIP model than %r: they are not searched until "
@@ -246,6 +278,7 @@ async def open_collection(
                 settings.embedding_model,
             )
         index.start_autosave()
+        jobs.start_leases()
     ctx = AppContext(
         settings=settings,
         executor=shared.executor,

@@ -1,5 +1,7 @@
 """Settings read from the environment and an optional `.env` file."""
 
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -8,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.apikeys import KeyEntry, parse_entry
+from backend.db import is_postgres, normalize_url
 from ml.inference import PrecisionSetting, RuntimeSetting, plan
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -23,8 +26,23 @@ class Settings(BaseSettings):
 
     app_name: str = "AI Image Organizer"
     storage_root: Path = Path("storage")
-    # Empty means: an SQLite file inside STORAGE_ROOT.
+    # Empty means: an SQLite file inside STORAGE_ROOT (and the FAISS index in memory: one process).
+    # postgresql://user:pass@host:port/db, postgresql+asyncpg://..., or the socket form
+    # postgresql://user@/db?host=/run/postgresql: everything in PostgreSQL with pgvector, and any number of
+    # replicas on that database and one shared STORAGE_ROOT.
     database_url: str = ""
+    # PostgreSQL: connections each process keeps per collection (as many again on demand).
+    database_pool_size: int = Field(default=5, ge=1, le=100)
+    # This process's name among the replicas (in /health and on the jobs it runs); empty: <host>:<pid>.
+    replica_id: str = Field(default="", max_length=200)
+    # PostgreSQL: a replica renews the lease of its jobs every third of this; another replica fails a job whose
+    # lease ran out (its replica died) with the reason.
+    job_lease_seconds: float = Field(default=30.0, ge=3.0, le=3600.0)
+    # pgvector's HNSW index: graph degree and build-time candidates (see docs/performance.md), and the
+    # candidates a search keeps (at least top_k); more is better recall and slower.
+    pgvector_hnsw_m: int = Field(default=16, ge=2, le=100)
+    pgvector_ef_construction: int = Field(default=64, ge=4, le=1000)
+    pgvector_ef_search: int = Field(default=100, ge=1, le=1000)
 
     clip_model_name: str = "openai/clip-vit-base-patch32"
     clip_device: Device = "auto"
@@ -158,6 +176,14 @@ class Settings(BaseSettings):
     def _absolute_roots(cls, value: list[Path]) -> list[Path]:
         return [root.expanduser().resolve() for root in value]
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            normalize_url(value)  # DatabaseUrlError (a ValueError) names what is wrong
+        return value
+
     @field_validator("storage_root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -178,8 +204,20 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
-            return self.database_url
+            return normalize_url(self.database_url)
         return f"sqlite+aiosqlite:///{self.storage_root / 'organizer.db'}"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.database_url) and is_postgres(self.database_url)
+
+    @property
+    def database_backend(self) -> str:
+        return "postgresql" if self.uses_postgres else "sqlite"
+
+    @property
+    def replica(self) -> str:
+        return self.replica_id.strip() or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _split(value: str) -> list[str]:

@@ -19,6 +19,7 @@ from backend.executor import Executor
 from backend.services.index import IndexService
 from backend.services.jobs import JobService
 from backend.services.model_loader import ModelLoader
+from backend.services.pgvector_index import PgVectorIndex
 from backend.services.pipeline import ImagePipeline
 from backend.services.storage import FileStore
 from backend.services.tagging import TagService
@@ -35,7 +36,7 @@ class AppContext:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     store: FileStore
-    index: IndexService
+    index: IndexService | PgVectorIndex
     jobs: JobService
     # Shared: the CLIP and BLIP loaders and the zero-shot tag vocabulary.
     clip: ModelLoader[ClipEmbedder]

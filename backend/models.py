@@ -4,8 +4,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NaiveDatetime, field_validator
-from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field, SQLModel
+
+from backend.dbtypes import Embedding, UtcDateTime
 
 
 def utcnow() -> datetime:
@@ -19,9 +21,13 @@ class ImageBase(SQLModel):
     height: int = Field(description="Height in pixels after applying the EXIF orientation.")
     size_bytes: int
     sha256: str = Field(index=True, unique=True, max_length=64)
-    created_at: datetime = Field(default_factory=utcnow, index=True, description="When it was stored (UTC).")
+    created_at: datetime = Field(
+        default_factory=utcnow, index=True, sa_type=UtcDateTime, description="When it was stored (UTC)."
+    )
     # EXIF stores the camera's local time without a zone, so this one stays naive.
-    taken_at: NaiveDatetime | None = Field(default=None, description="EXIF DateTimeOriginal (camera local time).")
+    taken_at: NaiveDatetime | None = Field(
+        default=None, sa_type=UtcDateTime, description="EXIF DateTimeOriginal (camera local time)."
+    )
     embedding_model: str = Field(index=True, description="The CLIP model that made the stored vector.")
     caption: str | None = Field(default=None, description="BLIP's caption, once one was made.")
 
@@ -34,7 +40,7 @@ class Image(ImageBase, table=True):
     storage_key: str = Field(description="Path of the original, relative to STORAGE_ROOT.")
     thumbnail_key: str = Field(description="Path of the JPEG thumbnail, relative to STORAGE_ROOT.")
     embedding_dim: int
-    embedding: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    embedding: bytes = Field(sa_column=Column(Embedding, nullable=False))
     caption_model: str | None = Field(default=None, description="The BLIP model that wrote `caption`.")
 
 
@@ -63,9 +69,12 @@ class Job(SQLModel, table=True):
     cancel_requested: bool = False
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = None
-    created_at: datetime = Field(default_factory=utcnow, index=True)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UtcDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # The replica that accepted and runs it, and until when it has promised to (see services/jobs.py).
+    owner: str | None = Field(default=None, max_length=200)
+    lease_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class ClusterRun(SQLModel, table=True):
@@ -75,7 +84,7 @@ class ClusterRun(SQLModel, table=True):
     __table_args__ = {"sqlite_autoincrement": True}
     id: int | None = Field(default=None, primary_key=True)
     job_id: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     embedding_model: str
     k: int
     k_requested: int | None = None
@@ -104,12 +113,6 @@ class ClusterMember(SQLModel, table=True):
     cluster_id: int
     rank: int
     distance: float
-
-
-class SchemaVersion(SQLModel, table=True):
-    __tablename__ = "schema_version"
-    id: int = Field(default=1, primary_key=True)
-    version: int
 
 
 class TagScore(BaseModel):
@@ -178,7 +181,7 @@ class SearchResults(BaseModel):
 
 
 class IndexHealth(BaseModel):
-    type: str
+    type: str = Field(description="The FAISS layout (embedded default), or pgvector-hnsw (PostgreSQL).")
     size: int
     dimension: int | None
     approximate: bool = Field(
@@ -229,6 +232,13 @@ class ModelHealth(BaseModel):
     )
 
 
+class DatabaseHealth(BaseModel):
+    backend: Literal["sqlite", "postgresql"] = Field(
+        description="sqlite: the embedded default, one process; postgresql: any number of replicas."
+    )
+    replica: str = Field(description="This process (REPLICA_ID, or host:pid): the one that answered.")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     app: str
@@ -239,6 +249,7 @@ class Health(BaseModel):
     images: int | None
     stale_embeddings: int | None = Field(description="Images whose vector was made by another CLIP model.")
     index: IndexHealth | None
+    database: DatabaseHealth
     model: ModelHealth = Field(description="The CLIP model (embeddings, search, tags).")
     captioner: ModelHealth = Field(description="The BLIP model (captions); loaded on first use.")
 
@@ -264,6 +275,7 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     url: str
+    replica: str | None = Field(default=None, description="The service process that runs (or ran) it.")
 
 
 class JobsPublic(BaseModel):

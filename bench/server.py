@@ -51,9 +51,11 @@ def serve(
     blip: Path | None = None,
     timeout: float = 600,
     settings: dict[str, str] | None = None,
+    name: str = "server",
 ) -> Iterator[RunningServer]:
     """Start the service over `storage` as run.sh does, on a free loopback port; yields once /health says the
-    model is loaded. `settings` are extra environment variables ({"IMPORT_ROOTS": "..."}, ...)."""
+    model is loaded. `settings` are extra environment variables ({"IMPORT_ROOTS": "..."}, ...); its output goes
+    to <storage>-<name>.log beside the storage (replicas on one storage have a name each)."""
     port = free_port()
     env = {
         **os.environ,
@@ -64,7 +66,7 @@ def serve(
         "BLIP_DEVICE": "cpu",
         **(settings or {}),
     }
-    log_path = storage.parent / f"{storage.name}-server.log"
+    log_path = storage.parent / f"{storage.name}-{name}.log"
     log = log_path.open("wb")
     command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "warning"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv with the test tools and Chromium for the browser tests (first run only), then run the
+# Set up .venv with the test tools, Chromium and nginx (first run only), then run the
 # whole test suite. Extra arguments go to pytest, e.g. scripts/test.sh -k search -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh requirements-dev.txt
-scripts/setup-browser.sh
+scripts/setup-system.sh
 exec .venv/bin/python -m pytest "$@"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from asgi_lifespan import LifespanManager
 from backend.config import Settings
 from backend.context import AppContext
 from backend.main import create_app
+from bench.postgres import PostgresServer
 from tests.tiny_models import build_tiny_blip, build_tiny_clip
 
 
@@ -27,11 +28,65 @@ def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("tiny-blip"))
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> PostgresServer:
+    """One real PostgreSQL 18 with pgvector for the session, on a socket under a temp folder."""
+    return PostgresServer(tmp_path_factory.mktemp("postgres") / "data")
+
+
+# Both database backends, for `@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)`:
+# `-m sqlite` or `-m postgres` runs one of them. tests/api runs every test on both.
+BACKENDS = [
+    pytest.param("sqlite", marks=pytest.mark.sqlite),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
+
+
+def database_for(request: pytest.FixtureRequest, backend: str) -> Iterator[str]:
+    """The DATABASE_URL of a test on `backend`: empty for SQLite (its file in the storage root), a fresh
+    database on the session's PostgreSQL otherwise, dropped afterwards. `@pytest.mark.sqlite_only("why")`
+    skips a test's PostgreSQL run."""
+    if backend == "sqlite":
+        yield ""
+        return
+    only = request.node.get_closest_marker("sqlite_only")
+    if only is not None:
+        pytest.skip(f"SQLite only: {only.args[0] if only.args else 'reads the SQLite file'}")
+    server = request.getfixturevalue("postgres")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
 @pytest.fixture
-def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> Settings:
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test's DATABASE_URL: SQLite unless parametrized with BACKENDS (or run in tests/api)."""
+    yield from database_for(request, getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def another_database(request: pytest.FixtureRequest, database_url: str) -> Iterator[Callable[[], str]]:
+    """Makes the DATABASE_URL of a second, empty library on the test's backend (on SQLite the storage root
+    decides, so it is empty too); dropped at the end."""
+    made: list[str] = []
+
+    def make() -> str:
+        if not database_url:
+            return ""
+        made.append(request.getfixturevalue("postgres").create_database())
+        return made[-1]
+
+    yield make
+    for url in made:
+        request.getfixturevalue("postgres").drop_database(url)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path, database_url: str) -> Settings:
     return Settings(
         _env_file=None,
         storage_root=tmp_path / "storage",
+        database_url=database_url,
         clip_model_name=str(tiny_clip_dir),
         clip_device="cpu",
         # One ONNX export of the tiny model for the whole session, not one per test's storage.

@@ -11,6 +11,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from backend.config import Settings
+
 
 def make_image_bytes(
     seed: int = 0,
@@ -40,6 +42,11 @@ def stored_files(root: Path) -> list[Path]:
     return sorted(p for sub in ("originals", "thumbnails", "tmp") for p in (root / sub).rglob("*") if p.is_file())
 
 
+def temp_files(root: Path) -> list[Path]:
+    """Every file under a storage root's tmp/ (on PostgreSQL each replica writes in a folder of its own there)."""
+    return sorted(p for p in (root / "tmp").rglob("*") if p.is_file())
+
+
 async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 120.0) -> dict:
     """Poll a job until it has finished; its final record. The timeout only guards against a hang."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -61,3 +68,19 @@ async def upload_many(client: httpx.AsyncClient, count: int, first_seed: int = 1
     response = await client.post("/images", files=files)
     assert response.status_code == 201, response.text
     return [item["image"] for item in response.json()["items"]]
+
+
+async def sql(settings: Settings, statement: str, **params: object) -> list[tuple[Any, ...]]:
+    """Run one statement on the test's database, whichever engine it is (SQLite or PostgreSQL), outside the
+    app: what another tool, or a crash, does to the rows. Its rows, if it returns any."""
+    from sqlalchemy import text
+
+    from backend.db import create_engine
+
+    engine = create_engine(settings.effective_database_url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        await engine.dispose()

@@ -91,7 +91,9 @@ async def list_images(ctx: AppContext, *, offset: int, limit: int, tag: str | No
     async with ctx.sessions() as session:
         query = select(Image)
         if tag is None:
-            count, _ = await count_images(session, model_name=ctx.settings.embedding_model, indexed=ctx.index.count)
+            count, _ = await count_images(
+                session, model_name=ctx.settings.embedding_model, indexed=await ctx.index.size()
+            )
         else:
             tagged = select(ImageTag.image_id).where(ImageTag.tag == ctx.tags.canonical(tag))
             query = query.where(col(Image.id).in_(tagged))

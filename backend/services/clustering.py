@@ -12,12 +12,12 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
 from sqlmodel import col, select
 
 from backend.context import AppContext
 from backend.errors import InvalidClustering, ModelUnavailableError
-from backend.models import ClusterRow, ClusterRun, Job
+from backend.models import ClusterMember, ClusterRow, ClusterRun, Job
 from backend.services.captions import caption_stored
 from backend.services.jobs import JobHandle
 from ml.clustering import ClusteringResult, cluster_vectors
@@ -174,12 +174,11 @@ async def _save(ctx: AppContext, run: ClusterRun, result: ClusteringResult, capt
             )
         await session.flush()
         connection = await session.connection()
-        members = [row for _, rows, _ in kept for row in rows]
-        for start in range(0, len(members), MEMBER_CHUNK):
-            await connection.exec_driver_sql(
-                "INSERT INTO cluster_member (run_id, image_id, cluster_id, rank, distance) VALUES (?, ?, ?, ?, ?)",
-                members[start : start + MEMBER_CHUNK],
-            )
+        fields = ("run_id", "image_id", "cluster_id", "rank", "distance")
+        members = [dict(zip(fields, row, strict=True)) for _, rows, _ in kept for row in rows]
+        table = ClusterMember.__table__  # type: ignore[attr-defined]
+        for start in range(0, len(members), MEMBER_CHUNK):  # Core executemany: portable and fast on both engines
+            await connection.execute(insert(table), members[start : start + MEMBER_CHUNK])
         keep = select(ClusterRun.id).order_by(col(ClusterRun.id).desc()).limit(ctx.settings.cluster_runs_kept)
         await session.exec(delete(ClusterRun).where(col(ClusterRun.id).not_in(keep)))
         await session.commit()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from backend.context import AppContext
-from backend.models import Health, ModelHealth, TowerHealth
+from backend.models import DatabaseHealth, Health, ModelHealth, TowerHealth
 from backend.services.catalog import count_images
 from backend.services.model_loader import ModelLoader
 from ml.captioner import BlipCaptioner
@@ -20,9 +20,9 @@ async def service_health(default: AppContext, caller: AppContext | None) -> Heal
     if caller is not None:
         async with caller.sessions() as session:
             images, stale = await count_images(
-                session, model_name=caller.settings.embedding_model, indexed=caller.index.count
+                session, model_name=caller.settings.embedding_model, indexed=await caller.index.size()
             )
-        index = caller.index.status()
+        index = await caller.index.status()
     return Health(
         status="degraded" if default.clip.state == "failed" else "ok",
         app=default.settings.app_name,
@@ -30,6 +30,7 @@ async def service_health(default: AppContext, caller: AppContext | None) -> Heal
         images=images,
         stale_embeddings=stale,
         index=index,
+        database=DatabaseHealth(backend=default.settings.database_backend, replica=default.settings.replica),
         model=_model_health(default.clip, detailed=caller is not None),
         captioner=_model_health(default.blip, detailed=caller is not None),
     )

@@ -113,9 +113,7 @@ class IndexService:
         """The ids of the rows the current model embedded, sorted: what the index must hold."""
         async with sessions() as session:
             connection = await session.connection()
-            result = await connection.exec_driver_sql(
-                "SELECT id FROM image WHERE embedding_model = ?", (self.model_name,)
-            )
+            result = await connection.execute(select(Image.id).where(Image.embedding_model == self.model_name))
             db_ids = np.fromiter((row[0] for row in result), dtype=np.int64)
         db_ids.sort()
         return db_ids
@@ -185,6 +183,10 @@ class IndexService:
         """Vectors in the index: exactly the current model's images."""
         return len(self._index)
 
+    async def size(self) -> int:
+        """`count`, as every kind of index answers it (pgvector's asks the database)."""
+        return len(self._index)
+
     async def ids(self) -> np.ndarray:
         return await self._executor.run(self._index.ids)
 
@@ -196,7 +198,7 @@ class IndexService:
         """At most `size` (id, vector) pairs: all of them, or a seeded sample in index order."""
         return await self._executor.run(self._index.sample, size, seed)
 
-    def status(self) -> IndexHealth:
+    async def status(self) -> IndexHealth:
         return IndexHealth(
             type=self._index.kind,
             size=len(self._index),

@@ -1,9 +1,16 @@
-"""Background jobs: persisted in SQLite, run as asyncio tasks, observable and cancellable.
+"""Background jobs: persisted in the database, run as asyncio tasks, observable and cancellable.
 
 A job's function receives a `JobHandle`; it reports progress through it and calls `checkpoint()`
 between units of work, where a requested cancel takes effect. Cancelling is cooperative so that a job
 is never interrupted half-way through a commit. At startup, jobs that a previous process left queued
 or running are marked failed: nothing is ever left "running" by a restart.
+
+Beside other replicas (PostgreSQL, `shared`): a job runs in the replica that accepted it, which owns its
+row (`owner`) and renews its lease (`lease_until`) every third of JOB_LEASE_SECONDS. Every replica reads
+every job from the database, and a cancel asked of any replica is a flag on the row that the owner picks up
+within a second. A job whose lease ran out (its replica was killed, or lost the database) is failed with
+the reason by whichever replica notices first, within one and a half leases; a replica never overwrites
+the row of a job that is no longer queued or running, so a job taken from it stays failed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import delete, func, literal, or_, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -32,6 +39,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # Progress is written to the database at most this often (readers of a live job see it at once).
 PERSIST_EVERY_SECONDS = 0.5
 RESTART_ERROR = "the service stopped while this job was queued or running"
+UNFINISHED = ("queued", "running")
+# How often a replica looks for cancels asked of its jobs through another replica.
+CANCEL_POLL_SECONDS = 1.0
 # What a job keeps of the items it could not do: the first MAX_LISTED, each text cut to MAX_TEXT characters.
 MAX_LISTED = 100
 MAX_TEXT = 500
@@ -122,7 +132,8 @@ class JobHandle:
         now = time.monotonic()
         if new_phase or now - self._persisted_at >= PERSIST_EVERY_SECONDS:
             self._persisted_at = now
-            await self._service._save(self.job)
+            if not await self._service._save(self.job):
+                self.request_cancel()  # another replica failed it (its lease lapsed): stop working on it
         self.checkpoint()
 
 
@@ -136,8 +147,16 @@ class JobService:
         concurrency: int = 1,
         queue_limit: int = 20,
         retention_days: float = 30.0,
+        *,
+        replica: str = "local",
+        lease_seconds: float = 30.0,
+        shared: bool = False,
     ) -> None:
         self._sessions = sessions
+        self.replica = replica
+        self._lease = timedelta(seconds=lease_seconds)
+        self._shared = shared
+        self._lease_task: asyncio.Task[None] | None = None
         self._retention = timedelta(days=retention_days) if retention_days > 0 else None
         self._expired_at = time.monotonic()
         self._slots = asyncio.Semaphore(concurrency)
@@ -152,15 +171,97 @@ class JobService:
         self._closing = False
 
     async def recover(self) -> int:
-        """Mark jobs an earlier process left unfinished as failed; returns how many."""
-        async with self._sessions() as session:
-            result = await session.exec(
-                update(Job)
-                .where(col(Job.status).in_(("queued", "running")))
-                .values(status="failed", error=RESTART_ERROR, finished_at=utcnow())
+        """Mark jobs an earlier process left unfinished as failed; returns how many. Beside other replicas only
+        the ones this replica owned before a restart and those whose lease ran out: the others are alive."""
+        query = update(Job).where(col(Job.status).in_(UNFINISHED))
+        if self._shared:
+            query = query.where(
+                or_(
+                    col(Job.owner) == self.replica,
+                    col(Job.owner).is_(None),
+                    col(Job.lease_until).is_(None),
+                    col(Job.lease_until) < utcnow(),
+                )
             )
+        async with self._sessions() as session:
+            result = await session.exec(query.values(status="failed", error=RESTART_ERROR, finished_at=utcnow()))
             await session.commit()
         return int(result.rowcount or 0)
+
+    def start_leases(self) -> None:
+        """Beside other replicas: renew this replica's leases, pick up cancels, fail jobs whose lease ran out."""
+        if self._shared and self._lease_task is None:
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="job-leases")
+
+    async def _lease_loop(self) -> None:
+        seconds = self._lease.total_seconds()
+        renewed = expired = time.monotonic()
+        while True:
+            await asyncio.sleep(min(CANCEL_POLL_SECONDS, seconds / 3))
+            try:
+                await self._pick_up_cancels()
+                now = time.monotonic()
+                if now - renewed >= seconds / 3:
+                    renewed = now
+                    await self._renew()
+                if now - expired >= seconds / 2:
+                    expired = now
+                    failed = await self.fail_expired()
+                    if failed:
+                        log.warning("failed %d jobs whose replica stopped renewing their lease", failed)
+            except Exception:  # the database may be away for a moment: try again at the next tick
+                log.exception("job lease upkeep failed")
+
+    async def _renew(self) -> None:
+        if not self._handles:
+            return
+        async with self._sessions() as session:
+            await session.exec(
+                update(Job)
+                .where(col(Job.id).in_(list(self._handles)), col(Job.status).in_(UNFINISHED))
+                .values(lease_until=utcnow() + self._lease)
+            )
+            await session.commit()
+
+    async def _pick_up_cancels(self) -> None:
+        local = [job_id for job_id, handle in self._handles.items() if not handle.job.cancel_requested]
+        if not local:
+            return
+        async with self._sessions() as session:
+            asked = (await session.exec(select(Job.id).where(col(Job.id).in_(local), col(Job.cancel_requested)))).all()
+        for job_id in asked:
+            if job_id in self._handles and not self._handles[job_id].job.cancel_requested:
+                log.info("job %s: cancel asked through another replica", job_id)
+                await self.cancel(job_id)
+
+    async def fail_expired(self) -> int:
+        """Fail the queued and running jobs whose lease ran out (their replica died); returns how many."""
+        now = utcnow()
+        async with self._sessions() as session:
+            stale = (
+                await session.exec(
+                    select(Job.id, Job.owner, Job.lease_until).where(
+                        col(Job.status).in_(UNFINISHED), col(Job.lease_until) < now
+                    )
+                )
+            ).all()
+            failed = 0
+            for job_id, owner, lease_until in stale:
+                if job_id in self._handles:
+                    continue  # ours: renewed late (a long pause); the next renewal takes it up again
+                result = await session.exec(
+                    update(Job)
+                    .where(col(Job.id) == job_id, col(Job.status).in_(UNFINISHED), col(Job.lease_until) < now)
+                    .values(
+                        status="failed",
+                        finished_at=now,
+                        error=f"replica {owner} stopped renewing this job's lease (it stopped, or lost the "
+                        f"database) at {lease_until:%Y-%m-%d %H:%M:%S} UTC",
+                    )
+                )
+                failed += int(result.rowcount or 0)
+            await session.commit()
+        return failed
 
     async def expire(self) -> int:
         """Delete the jobs that finished longer than the retention ago (JOB_RETENTION_DAYS; 0 keeps them
@@ -187,6 +288,10 @@ class JobService:
         for live in self._unfinished(kind):
             if live.params == params:
                 return _detached(live)
+        if self._shared:  # one running in another replica
+            for other in await self._unfinished_elsewhere(kind):
+                if other.params == params:
+                    return other
         queued = sum(handle.job.status == "queued" for handle in self._handles.values())
         if queued >= self._queue_limit:
             raise TooManyJobs(
@@ -197,8 +302,17 @@ class JobService:
                 await self.expire()
             except Exception:  # housekeeping: never the reason a job is refused
                 log.exception("could not delete expired jobs")
-        job = Job(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
-        await self._save(job)
+        job = Job(
+            id=uuid.uuid4().hex,
+            kind=kind,
+            status="queued",
+            params=params,
+            owner=self.replica,
+            lease_until=utcnow() + self._lease,
+        )
+        async with self._sessions() as session:
+            session.add(_detached(job))
+            await session.commit()
         self._handles[job.id] = JobHandle(self, job)
         self._tasks[job.id] = asyncio.create_task(self._run(job, func), name=f"job-{kind}-{job.id[:8]}")
         return _detached(job)
@@ -260,10 +374,32 @@ class JobService:
             if job.kind == kind and job.status not in FINISHED and not job.cancel_requested:
                 yield job
 
-    async def _save(self, job: Job) -> None:
+    async def _unfinished_elsewhere(self, kind: str) -> list[Job]:
         async with self._sessions() as session:
-            await session.merge(_detached(job))
+            rows = (
+                await session.exec(
+                    select(Job)
+                    .where(Job.kind == kind, col(Job.status).in_(UNFINISHED), col(Job.cancel_requested).is_(False))
+                    .order_by(col(Job.created_at))
+                )
+            ).all()
+        return [row for row in rows if row.id not in self._handles]
+
+    async def _save(self, job: Job) -> bool:
+        """Write the live record over its row, while the row is still queued or running (a job another replica
+        failed for a lapsed lease stays failed). A cancel asked through another replica is never undone."""
+        values = job.model_dump(exclude={"id", "cancel_requested", "owner", "created_at", "lease_until"})
+        async with self._sessions() as session:
+            result = await session.exec(
+                update(Job)
+                .where(col(Job.id) == job.id, col(Job.status).in_(UNFINISHED))
+                .values(**values, cancel_requested=or_(col(Job.cancel_requested), literal(job.cancel_requested)))
+            )
             await session.commit()
+        if not result.rowcount:
+            log.warning("job %s is no longer this replica's to record (%s)", job.id, job.status)
+            return False
+        return True
 
     async def get(self, job_id: str) -> Job:
         handle = self._handles.get(job_id)
@@ -293,8 +429,22 @@ class JobService:
         return [_detached(self._handles[row.id].job) if row.id in self._handles else row for row in rows], total
 
     async def cancel(self, job_id: str) -> Job:
-        """A queued job is cancelled at once; a running one at its next checkpoint."""
+        """A queued job is cancelled at once; a running one at its next checkpoint. A job of another replica is
+        flagged; its replica cancels it within CANCEL_POLL_SECONDS."""
         handle = self._handles.get(job_id)
+        if handle is None and self._shared:
+            job = await self.get(job_id)
+            if job.status not in FINISHED:
+                async with self._sessions() as session:
+                    await session.exec(
+                        update(Job)
+                        .where(col(Job.id) == job_id, col(Job.status).in_(UNFINISHED))
+                        .values(cancel_requested=True)
+                    )
+                    await session.commit()
+                job = await self.get(job_id)
+                if job.status not in FINISHED:
+                    return job
         if handle is None or handle.job.status in FINISHED:
             job = handle.job if handle is not None else await self.get(job_id)
             raise JobFinished(f"job {job_id} has finished already ({job.status})")
@@ -318,15 +468,33 @@ class JobService:
         """The oldest queued or running job of this kind, if any."""
         return next((_detached(job) for job in self._unfinished(kind)), None)
 
+    async def active_anywhere(self, kind: str) -> Job | None:
+        """`active`, or beside other replicas the oldest such job any of them runs."""
+        job = self.active(kind)
+        if job is None and self._shared:
+            others = await self._unfinished_elsewhere(kind)
+            job = others[0] if others else None
+        return job
+
     async def wait(self, job_id: str) -> Job:
         task = self._tasks.get(job_id)
         if task is not None:
             await asyncio.shield(task)
-        return await self.get(job_id)
+            return await self.get(job_id)
+        job = await self.get(job_id)
+        while job.status not in FINISHED:  # another replica's job: its row says when it ends
+            await asyncio.sleep(0.2)
+            job = await self.get(job_id)
+        return job
 
     async def close(self) -> None:
         """Stop every job; the ones that were running are recorded as failed."""
         self._closing = True
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+            self._lease_task = None
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -354,4 +522,5 @@ def job_public(job: Job, *, listed: bool = False) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         url=f"/jobs/{job.id}",
+        replica=job.owner,
     )

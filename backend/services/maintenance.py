@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,17 @@ _SHA_NAME = re.compile(r"^([0-9a-f]{64})(?:\.[A-Za-z0-9]+)?$")
 CHUNK = 500
 
 
-def _files_by_sha(root: Path) -> dict[str, list[Path]]:
+# Beside other replicas, a file placed this recently may belong to an upload that is about to commit its row.
+SHARED_SWEEP_MIN_AGE = 3600.0
+
+
+def _files_by_sha(root: Path, min_age: float = 0.0) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = defaultdict(list)
+    cutoff = time.time() - min_age
     for folder in ("originals", "thumbnails"):
         for path in (root / folder).glob("*/*"):
             match = _SHA_NAME.match(path.name)
-            if match and path.is_file():
+            if match and path.is_file() and (min_age <= 0 or path.stat().st_mtime < cutoff):
                 found[match.group(1)].append(path)
     return found
 
@@ -51,8 +57,10 @@ def _delete(paths: list[Path]) -> None:
 
 
 async def sweep_orphan_files(ctx: AppContext) -> int:
-    """Delete files whose SHA-256 no row has; returns how many files went."""
-    files = await ctx.executor.run(_files_by_sha, ctx.store.root)
+    """Delete files whose SHA-256 no row has; returns how many files went. Beside other replicas (PostgreSQL)
+    only files older than SHARED_SWEEP_MIN_AGE: the write lock is this process's, not theirs."""
+    min_age = SHARED_SWEEP_MIN_AGE if ctx.settings.uses_postgres else 0.0
+    files = await ctx.executor.run(_files_by_sha, ctx.store.root, min_age)
     hashes = sorted(files)
     removed = 0
     async with ctx.sessions() as session:
@@ -247,7 +255,7 @@ async def _repair(ctx: AppContext, report: CheckReport, thumbnails: list[tuple[i
         # Load the saved index when it agrees with the database, else rebuild it (damaged vectors left out).
         await ctx.index.load_or_rebuild(ctx.sessions)
         if report.index != "ok":
-            report.repaired.append(f"rebuilt the index from the database ({ctx.index.count} vectors)")
+            report.repaired.append(f"rebuilt the index from the database ({await ctx.index.size()} vectors)")
     damaged = [i for i in report.damaged_vectors if i not in set(report.missing_originals)]
     if damaged:
         try:

@@ -17,7 +17,7 @@ async def collection_map(ctx: AppContext, *, run_id: int | None, max_points: int
     clusters, or by the newest run the current CLIP model made when no run is named."""
     async with ctx.sessions() as session:
         run = await _run(session, run_id, ctx.settings.embedding_model)
-    total = ctx.index.count
+    total = await ctx.index.size()
     ids, vectors = await ctx.index.sample(max_points, ctx.settings.cluster_seed)
     total = max(total, len(ids))
     points = await ctx.executor.run(project_2d, vectors, seed=ctx.settings.cluster_seed)

@@ -108,7 +108,7 @@ async def latest_run(
         asked["captions"] = captions
     run_id = None if refresh else await _answering_run(ctx, asked)
     if run_id is None:
-        job = None if refresh or asked else ctx.jobs.active("cluster")
+        job = None if refresh or asked else await ctx.jobs.active_anywhere("cluster")
         if job is None:
             job = await start_run(ctx, k=k, captions=captions is not False, seed=seed)
         job = await ctx.jobs.wait(job.id)
@@ -124,7 +124,7 @@ async def _answering_run(ctx: AppContext, asked: dict[str, object]) -> int | Non
         run = (await session.exec(select(ClusterRun).order_by(col(ClusterRun.id).desc()).limit(1))).first()
     if run is None:
         return None
-    searchable = ctx.index.count
+    searchable = await ctx.index.size()
     stale = searchable > 0 and (run.image_count == 0 or run.embedding_model != ctx.settings.embedding_model)
     differs = any(getattr(run, name) != value for name, value in asked.items())
     return None if stale or differs else run.id

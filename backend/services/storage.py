@@ -5,8 +5,11 @@ Synchronous helpers: the services call them through the executor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -87,10 +90,19 @@ class StagingWriter:
         self.path.unlink(missing_ok=True)
 
 
+# A file another replica left in tmp/ is its leftover (a replica that died) once it is this old.
+FOREIGN_TMP_SECONDS = 24 * 3600.0
+
+
 class FileStore:
-    def __init__(self, root: Path) -> None:
+    """The files of a collection under its root. With `replica` (replicas sharing one STORAGE_ROOT) each
+    process stages in a folder of its own, tmp/<replica>, so one replica's startup never empties what
+    another is writing."""
+
+    def __init__(self, root: Path, replica: str | None = None) -> None:
         self.root = root
-        self.tmp_dir = root / "tmp"
+        self.tmp_root = root / "tmp"
+        self.tmp_dir = self.tmp_root / re.sub(r"[^A-Za-z0-9._-]", "_", replica) if replica else self.tmp_root
         self.index_dir = root / "index"
 
     def ensure_dirs(self) -> None:
@@ -144,10 +156,18 @@ class FileStore:
             self.path(key).unlink(missing_ok=True)
 
     def sweep_tmp(self) -> int:
-        """Remove temp files left by a crash; run at startup, before any upload."""
+        """Remove temp files left by a crash; run at startup, before any upload. Beside replicas: this one's
+        folder, and what the others left for over FOREIGN_TMP_SECONDS (the files of a replica that died)."""
         removed = 0
         for leftover in self.tmp_dir.glob("*"):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 removed += 1
+        if self.tmp_dir != self.tmp_root:
+            cutoff = time.time() - FOREIGN_TMP_SECONDS
+            for leftover in self.tmp_root.glob("*/*"):
+                with contextlib.suppress(OSError):
+                    if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                        leftover.unlink()
+                        removed += 1
         return removed

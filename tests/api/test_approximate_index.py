@@ -4,9 +4,12 @@ deletes, and it comes back after a restart."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.conftest import AppRunner, app_context
 from tests.helpers import make_image_bytes
+
+pytestmark = pytest.mark.sqlite_only("FAISS's layouts; PostgreSQL searches pgvector's HNSW index")
 
 # Tiny thresholds so a handful of uploads crosses them; probing every list keeps the ranking exact.
 APPROXIMATE = {"index_approximate_from": 6, "index_probe_fraction": 1.0}

@@ -67,11 +67,14 @@ async def test_health_reports_model_and_index(client: httpx.AsyncClient, setting
     health = (await client.get("/health")).json()
     assert health["status"] == "ok"
     assert health["images"] == 1
+    postgres = settings.uses_postgres
+    assert health["database"]["backend"] == ("postgresql" if postgres else "sqlite")
     assert health["index"] == {
-        "type": "IndexIDMap2(IndexFlatIP)",
+        # pgvector's HNSW graph is approximate from the first vector; FAISS is exact below its threshold.
+        "type": "pgvector-hnsw" if postgres else "IndexIDMap2(IndexFlatIP)",
         "size": 1,
         "dimension": 16,
-        "approximate": False,
+        "approximate": postgres,
         "reorganizing": False,
     }
     assert health["model"]["name"] == settings.clip_model_name

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 
 import httpx
 import pytest
@@ -12,7 +14,7 @@ import backend.services.pipeline as pipeline
 from backend.config import Settings
 from backend.services.storage import FileStore
 from tests.conftest import AppRunner
-from tests.helpers import make_image_bytes, stored_files
+from tests.helpers import make_image_bytes, stored_files, temp_files
 
 
 async def test_upload_racing_a_delete_never_reports_a_deleted_image(
@@ -74,9 +76,10 @@ async def test_storage_failure_mid_batch_keeps_the_rest_consistent(
     assert sorted(hit["image"]["filename"] for hit in search["results"]) == ["0.jpg", "2.jpg"]
     originals = [p for p in stored_files(settings.storage_root) if "originals" in p.parts]
     assert len(originals) == 2
-    assert not list((settings.storage_root / "tmp").iterdir())
+    assert not temp_files(settings.storage_root)
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_clean_restart_loads_the_saved_index_instead_of_rebuilding(
     run_app: AppRunner, settings: Settings
 ) -> None:
@@ -90,6 +93,7 @@ async def test_clean_restart_loads_the_saved_index_instead_of_rebuilding(
     assert index_file.stat().st_ino == before  # a rebuild would have saved a new file
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_temp_files_of_an_interrupted_index_save_are_removed(run_app: AppRunner, settings: Settings) -> None:
     async with run_app() as client:
         await client.post("/images", files={"file": ("a.jpg", make_image_bytes(30), "image/jpeg")})
@@ -111,6 +115,9 @@ async def test_files_no_record_references_are_swept_at_startup(run_app: AppRunne
     for path in (orphan, orphan_thumb):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(make_image_bytes(41))
+        # Two hours old: with replicas sharing the storage (PostgreSQL), a younger file may be another
+        # replica's upload that has not committed yet, and is left for a later sweep.
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
     unrelated = settings.storage_root / "originals" / "notes.txt"
     unrelated.write_text("not ours to judge")
 

@@ -15,7 +15,7 @@ from backend.models import Job
 from backend.services import importer as importer_service
 from backend.services.jobs import JobCancelled, JobHandle
 from tests.conftest import AppRunner, app_context
-from tests.helpers import make_image_bytes, wait_job
+from tests.helpers import make_image_bytes, temp_files, wait_job
 
 
 @pytest.fixture
@@ -302,6 +302,6 @@ async def test_a_cancel_between_two_reads_leaves_nothing_open(
         )[0][0]
         with pytest.raises(JobCancelled):
             await importer_service._stage(ctx, handle, listed)
-        assert list((ctx.settings.storage_root / "tmp").iterdir()) == []
+        assert temp_files(ctx.settings.storage_root) == []
         open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
         assert str(listed.real) not in open_files

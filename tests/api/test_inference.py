@@ -3,6 +3,8 @@ vectors standing in for each other, an impossible precision refused at startup, 
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 import numpy as np
 import pytest
@@ -56,6 +58,7 @@ async def test_pytorch_and_onnx_runtime_vectors_are_one_model(run_app: AppRunner
         images = await upload_many(client, 3)
         stored = [(await client.get(f"/images/{i['id']}/embedding")).json()["vector"] for i in images]
     async with run_app(inference_runtime="torch") as client:
+        await app_context(client).clip.get()  # loaded (it loads in the background from startup)
         health = (await client.get("/health")).json()
         assert health["model"]["towers"]["image"]["runtime"] == "torch"
         assert health["stale_embeddings"] == 0
@@ -87,9 +90,11 @@ async def test_a_repeated_query_skips_the_text_tower(
         return original(self, texts)
 
     monkeypatch.setattr(ClipEmbedder, "embed_texts", counting)
-    first = (await client.get("/search", params={"q": "a quiet lake at dawn"})).json()
-    second = (await client.get("/search", params={"q": "a quiet lake at dawn"})).json()
-    other = (await client.get("/search", params={"q": "a busy street"})).json()
-    assert calls == [["a quiet lake at dawn"], ["a busy street"]]
+    # Sentences no other test asked for: the cache of query vectors outlives one app (it is the model's).
+    lake, street = f"a quiet lake at dawn {uuid.uuid4().hex}", f"a busy street {uuid.uuid4().hex}"
+    first = (await client.get("/search", params={"q": lake})).json()
+    second = (await client.get("/search", params={"q": lake})).json()
+    other = (await client.get("/search", params={"q": street})).json()
+    assert calls == [[lake], [street]]
     assert first == second
     assert other["count"] == first["count"] == 2

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 import threading
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from backend.config import Settings
 from backend.models import Job
 from backend.services.jobs import RESTART_ERROR, JobHandle, JobService
 from tests.conftest import AppRunner, app_context
-from tests.helpers import upload_many, wait_job
+from tests.helpers import sql, upload_many, wait_job
 
 
 def gated_job(gate: asyncio.Event, steps: int = 3, started: asyncio.Event | None = None):
@@ -148,15 +147,14 @@ async def test_a_restart_never_leaves_a_job_running(run_app: AppRunner, settings
         while (await client.get(f"/jobs/{stuck.id}")).json()["status"] != "running":
             await asyncio.sleep(0.01)
     # A process killed outright leaves its rows as they were: simulate one left "running" and one "queued".
-    db = sqlite3.connect(settings.storage_root / "organizer.db")
-    with db:
-        for job_id, status in (("a" * 32, "running"), ("b" * 32, "queued")):
-            db.execute(
-                "INSERT INTO job (id, kind, status, params, progress_done, cancel_requested, created_at)"
-                " VALUES (?, 'cluster', ?, '{}', 0, 0, '2026-01-01 00:00:00')",
-                (job_id, status),
-            )
-    db.close()
+    for job_id, status in (("a" * 32, "running"), ("b" * 32, "queued")):
+        await sql(
+            settings,
+            "INSERT INTO job (id, kind, status, params, progress_done, cancel_requested, created_at)"
+            " VALUES (:id, 'cluster', :status, '{}', 0, false, '2026-01-01 00:00:00')",
+            id=job_id,
+            status=status,
+        )
     async with run_app() as client:
         for job_id in (stuck.id, "a" * 32, "b" * 32):
             job = (await client.get(f"/jobs/{job_id}")).json()
@@ -174,11 +172,11 @@ async def test_a_job_that_finished_as_the_service_stops_keeps_its_result(
     original = JobService._save
     writing_end = asyncio.Event()
 
-    async def slow_end(self: JobService, job: Job) -> None:
+    async def slow_end(self: JobService, job: Job) -> bool:
         if job.status == "succeeded":
             writing_end.set()
             await asyncio.sleep(1.0)  # longer than the rest of the shutdown takes
-        await original(self, job)
+        return await original(self, job)
 
     monkeypatch.setattr(JobService, "_save", slow_end)
 
@@ -188,9 +186,7 @@ async def test_a_job_that_finished_as_the_service_stops_keeps_its_result(
     async with run_app() as client:
         job = await app_context(client).jobs.submit("caption", {}, work)
         await writing_end.wait()
-    db = sqlite3.connect(settings.storage_root / "organizer.db")
-    with contextlib.closing(db):
-        assert db.execute("SELECT status FROM job WHERE id = ?", (job.id,)).fetchone() == ("succeeded",)
+    assert await sql(settings, "SELECT status FROM job WHERE id = :id", id=job.id) == [("succeeded",)]
     async with run_app() as client:
         answer = (await client.get(f"/jobs/{job.id}")).json()
     assert (answer["status"], answer["result"], answer["error"]) == ("succeeded", {"done": True}, None), answer
@@ -233,9 +229,8 @@ async def test_finished_jobs_expire_after_the_retention(run_app: AppRunner, sett
         running = await ctx.jobs.submit("caption", {"n": 2}, gated_job(asyncio.Event()))
     # Age every job by 40 days: the two finished caption jobs are past the 30-day default, the clustering job
     # made a run that is still stored, and the one stopped by the restart is failed but recent.
-    with sqlite3.connect(settings.storage_root / "organizer.db") as db:
-        db.execute("UPDATE job SET finished_at = datetime(finished_at, '-40 days') WHERE id != ?", (running.id,))
-    db.close()
+    aged = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=40)
+    await sql(settings, "UPDATE job SET finished_at = :aged WHERE id != :id", aged=aged, id=running.id)
     async with run_app(job_retention_days=0) as client:  # 0 keeps them all
         assert (await client.get("/jobs")).json()["count"] == 4
     async with run_app() as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -48,7 +49,7 @@ async def map_by_sha(client: httpx.AsyncClient) -> dict[str, tuple[float, float]
 
 
 async def test_the_same_collection_draws_the_same_way_whatever_the_upload_order(
-    run_app: AppRunner, tmp_path: Path
+    run_app: AppRunner, tmp_path: Path, another_database: Callable[[], str]
 ) -> None:
     pictures = [("files", (f"p{i}.jpg", make_image_bytes(300 + i), "image/jpeg")) for i in range(12)]
     async with run_app() as client:
@@ -58,7 +59,7 @@ async def test_the_same_collection_draws_the_same_way_whatever_the_upload_order(
     async with run_app() as client:  # after a restart: the index is loaded from its file
         assert await map_by_sha(client) == drawn
     # The same pictures, uploaded the other way round into a collection of their own: other ids, the same map.
-    async with run_app(storage_root=tmp_path / "reversed") as client:
+    async with run_app(storage_root=tmp_path / "reversed", database_url=another_database()) as client:
         assert (await client.post("/images", files=pictures[::-1])).status_code == 201
         reversed_order = await map_by_sha(client)
     assert reversed_order.keys() == drawn.keys()

@@ -10,7 +10,7 @@ from asgi_lifespan import LifespanManager
 from backend.config import Settings
 from backend.main import create_app
 from tests.conftest import AppRunner
-from tests.helpers import make_image_bytes, stored_files
+from tests.helpers import make_image_bytes, stored_files, temp_files
 
 BOUNDARY = "xYzBoundary"
 
@@ -37,7 +37,7 @@ async def test_oversize_file_in_a_batch_fails_alone(run_app: AppRunner, settings
         assert [i["status"] for i in items] == ["failed", "created"]
         assert items[0]["error"]["code"] == "file_too_large"
         assert items[0]["error"]["status"] == 413
-    assert not list((settings.storage_root / "tmp").iterdir())
+    assert not temp_files(settings.storage_root)
 
 
 async def test_file_in_an_unknown_field_is_not_an_upload(client: httpx.AsyncClient, settings: Settings) -> None:
@@ -105,7 +105,7 @@ async def test_abandoned_upload_leaves_no_temp_file(settings: Settings) -> None:
     async with LifespanManager(app, startup_timeout=60) as manager:
         await manager.app(scope, receive, send)  # type: ignore[arg-type]  # plain dicts as ASGI messages
         assert sent[0]["status"] == 400
-        assert not list((settings.storage_root / "tmp").iterdir())
+        assert not temp_files(settings.storage_root)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://localhost"
         ) as client:

@@ -47,6 +47,7 @@ async def test_restart_keeps_everything(run_app: AppRunner) -> None:
     assert file_ok.status_code == 200
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_index_is_rebuilt_when_its_file_is_deleted(run_app: AppRunner, settings: Settings) -> None:
     async with run_app() as client:
         await upload_some(client, 3)
@@ -60,6 +61,7 @@ async def test_index_is_rebuilt_when_its_file_is_deleted(run_app: AppRunner, set
     assert len(index_files(settings)) == 1  # saved again after the rebuild
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_corrupt_index_file_is_rebuilt(run_app: AppRunner, settings: Settings) -> None:
     async with run_app() as client:
         await upload_some(client, 3)
@@ -70,6 +72,7 @@ async def test_corrupt_index_file_is_rebuilt(run_app: AppRunner, settings: Setti
         assert await snapshot(client) == before
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_stale_index_file_is_rebuilt(run_app: AppRunner, settings: Settings) -> None:
     """An index saved before later uploads (say, a crash before the next save) is detected and replaced."""
     async with run_app() as client:
@@ -84,6 +87,7 @@ async def test_stale_index_file_is_rebuilt(run_app: AppRunner, settings: Setting
         assert await snapshot(client) == before
 
 
+@pytest.mark.sqlite_only("the FAISS index file; PostgreSQL keeps its index in the database")
 async def test_index_is_saved_in_the_background(run_app: AppRunner, settings: Settings) -> None:
     async with run_app(index_save_interval=0.05) as client:
         await upload_some(client, 2)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 
 from ml.embedder import ClipEmbedder
 from tests.conftest import AppRunner
-from tests.helpers import make_image_bytes, upload_many, wait_job
+from tests.helpers import make_image_bytes, sql, upload_many, wait_job
 from tests.tiny_models import build_tiny_clip
 
 
@@ -21,11 +21,15 @@ def other_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("other-clip"), seed=1)
 
 
-async def test_reindex_after_a_model_change(run_app: AppRunner, other_clip_dir: Path, tmp_path: Path) -> None:
+async def test_reindex_after_a_model_change(
+    run_app: AppRunner, other_clip_dir: Path, tmp_path: Path, another_database: Callable[[], str]
+) -> None:
     async with run_app() as client:
         images = await upload_many(client, 4)
     # What the new model makes of the same pictures: a collection of its own, uploaded with that model.
-    async with run_app(clip_model_name=str(other_clip_dir), storage_root=tmp_path / "reference") as client:
+    async with run_app(
+        clip_model_name=str(other_clip_dir), storage_root=tmp_path / "reference", database_url=another_database()
+    ) as client:
         reference = await upload_many(client, 4)
     async with run_app(clip_model_name=str(other_clip_dir)) as client:
         health = (await client.get("/health")).json()
@@ -112,9 +116,7 @@ async def test_search_answers_throughout_a_reindex(
 async def test_reindex_reports_missing_originals(run_app: AppRunner, other_clip_dir: Path, settings) -> None:
     async with run_app() as client:
         images = await upload_many(client, 2)
-    db = sqlite3.connect(settings.storage_root / "organizer.db")
-    key = db.execute("SELECT storage_key FROM image WHERE id = ?", (images[0]["id"],)).fetchone()[0]
-    db.close()
+    [(key,)] = await sql(settings, "SELECT storage_key FROM image WHERE id = :id", id=images[0]["id"])
     (settings.storage_root / key).unlink()
     async with run_app(clip_model_name=str(other_clip_dir)) as client:
         job = await wait_job(client, (await client.post("/reindex")).json()["id"])

@@ -26,23 +26,25 @@ def sha256(data: bytes) -> str:
 
 
 @contextmanager
-def real_server(storage: Path, clip: Path, **settings: str) -> Iterator[RunningServer]:
+def real_server(storage: Path, clip: Path, name: str = "server", **settings: str) -> Iterator[RunningServer]:
     """The service over `storage` on a free loopback port; stopped (or found dead) when the block ends, even
-    when the test fails. Its log is kept beside the storage, one file per start."""
+    when the test fails. Its log is kept beside the storage, one file per start (and per `name`: replicas)."""
     # One ONNX export of the tiny model for the session's servers, beside the model (see tests/conftest.py).
     settings = {"EXECUTOR_WORKERS": "2", "MODEL_CACHE_DIR": str(clip.parent / "onnx-cache"), **settings}
     try:
         with ExitStack() as stack:
             try:
-                server = stack.enter_context(serve(storage, clip, timeout=STARTUP_SECONDS, settings=settings))
+                server = stack.enter_context(
+                    serve(storage, clip, timeout=STARTUP_SECONDS, settings=settings, name=name)
+                )
             except RuntimeError as exc:  # it did not start; the message ends with its log
                 pytest.fail(str(exc))
             yield server  # leaving the stack terminates it (a no-op when it was killed)
     finally:
-        log = storage.parent / f"{storage.name}-server.log"
+        log = storage.parent / f"{storage.name}-{name}.log"
         if log.exists():
-            starts = len(list(storage.parent.glob(f"{storage.name}-server-*.log")))
-            log.rename(storage.parent / f"{storage.name}-server-{starts + 1}.log")
+            starts = len(list(storage.parent.glob(f"{storage.name}-{name}-*.log")))
+            log.rename(storage.parent / f"{storage.name}-{name}-{starts + 1}.log")
 
 
 def kill_9(server: RunningServer) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from backend import apikeys
 from backend.config import Settings
-from tests.conftest import AppRunner
-from tests.helpers import make_image_bytes
+from tests.conftest import BACKENDS, AppRunner
+from tests.helpers import make_image_bytes, sql
 
 ALICE, BOB, DEFAULT = "alice-key-0123456789", "bob-key-0123456789", "default-key-0123456789"
 KEYS = [
@@ -68,6 +68,7 @@ async def test_every_route_but_health_and_the_page_needs_a_valid_key(run_app: Ap
         assert anonymous["collection"] is None and anonymous["images"] is None and anonymous["status"] == "ok"
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 async def test_collections_never_see_find_or_delete_each_others_images(run_app: AppRunner, settings: Settings) -> None:
     async with run_app(api_keys=KEYS) as client:
         alices = await upload(client, ALICE, [1, 2, 3])
@@ -114,9 +115,16 @@ async def test_collections_never_see_find_or_delete_each_others_images(run_app: 
         assert (await client.delete(f"/jobs/{job['id']}", headers=as_(BOB))).status_code == 404
         assert job["id"] not in {j["id"] for j in (await client.get("/jobs", headers=as_(BOB))).json()["data"]}
         assert (await client.get(f"/clusters/{run['id']}", headers=as_(BOB))).status_code == 404
-    # Each collection keeps its own database, files and index: Bob's under STORAGE_ROOT/collections/bob.
-    assert (settings.storage_root / "collections" / "alice" / "organizer.db").exists()
-    assert (settings.storage_root / "collections" / "bob" / "organizer.db").exists()
+    # Each collection keeps its own tables, files and index: Bob's files under STORAGE_ROOT/collections/bob,
+    # his rows in his own SQLite file, or on PostgreSQL in a schema of his own.
+    assert (settings.storage_root / "collections" / "bob" / "originals").is_dir()
+    if settings.uses_postgres:
+        schemas = await sql(settings, "SELECT schema_name FROM information_schema.schemata")
+        assert {"collection_alice", "collection_bob"} <= {name for (name,) in schemas}
+        assert not list(settings.storage_root.rglob("*.db"))
+    else:
+        assert (settings.storage_root / "collections" / "alice" / "organizer.db").exists()
+        assert (settings.storage_root / "collections" / "bob" / "organizer.db").exists()
 
 
 def image_seed(image: dict) -> int:
@@ -130,6 +138,7 @@ async def test_without_keys_everything_is_open_and_in_the_default_collection(cli
     assert (await client.get("/images")).status_code == 200
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 async def test_the_default_collection_is_the_one_a_single_user_install_already_has(run_app: AppRunner) -> None:
     async with run_app() as client:
         stored = (await client.post("/images", files={"file": ("a.jpg", make_image_bytes(5), "image/jpeg")})).json()
