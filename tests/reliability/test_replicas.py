@@ -207,9 +207,11 @@ def proxy(replicas: Replicas, tmp_path: Path) -> Iterator[str]:
     if nginx is None:
         pytest.skip("no nginx (scripts/setup-system.sh installs Debian's nginx)")
     port = free_port()
-    site, changes = re.subn(r"server 127\.0\.0\.1:800[12]", "server {}", NGINX_CONF.read_text())
+    ports = iter(server.base.rsplit(":", 1)[1] for server in (replicas.a, replicas.b))
+    site, changes = re.subn(
+        r"server 127\.0\.0\.1:800[12]", lambda _: f"server 127.0.0.1:{next(ports)}", NGINX_CONF.read_text()
+    )
     assert changes == 2, "docs/nginx.conf no longer lists the two example replicas"
-    site = site.format(*(f"127.0.0.1:{server.base.rsplit(':', 1)[1]}" for server in (replicas.a, replicas.b)))
     site, changes = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", site)
     assert changes == 1
     here = tmp_path / "nginx"
