@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # candidates a search keeps (at least top_k); more is better recall and slower.
     pgvector_hnsw_m: int = Field(default=16, ge=2, le=100)
     pgvector_ef_construction: int = Field(default=64, ge=4, le=1000)
-    pgvector_ef_search: int = Field(default=100, ge=1, le=1000)
+    pgvector_ef_search: int = Field(default=200, ge=1, le=1000)
 
     clip_model_name: str = "openai/clip-vit-base-patch32"
     clip_device: Device = "auto"

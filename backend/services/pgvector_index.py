@@ -51,7 +51,7 @@ class PgVectorIndex:
         executor: Executor,
         m: int = 16,
         ef_construction: int = 64,
-        ef_search: int = 100,
+        ef_search: int = 200,
     ) -> None:
         self.model_name = model_name
         self._engine = engine
