@@ -1,7 +1,7 @@
 """Column types that mean the same on SQLite and PostgreSQL.
 
 - `UtcDateTime`: UTC instants stored without a zone (SQLite has none; asyncpg refuses an aware value for
-  `timestamp`), read back naive, as SQLite always did.
+  `timestamp`) and read back aware, in UTC, so the API writes them with their offset (RFC 3339).
 - `Embedding`: an image's CLIP vector. The Python side is always the little-endian float32 blob the services
   use; SQLite stores that blob, PostgreSQL a pgvector `vector`, which its HNSW index and search work on.
 """
@@ -25,6 +25,11 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
         return value
 
 

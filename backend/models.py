@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NaiveDatetime, field_validator
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, Column, DateTime, Index
 from sqlmodel import Field, SQLModel
 
 from backend.dbtypes import Embedding, UtcDateTime
@@ -26,7 +26,7 @@ class ImageBase(SQLModel):
     )
     # EXIF stores the camera's local time without a zone, so this one stays naive.
     taken_at: NaiveDatetime | None = Field(
-        default=None, sa_type=UtcDateTime, description="EXIF DateTimeOriginal (camera local time)."
+        default=None, sa_type=DateTime, description="EXIF DateTimeOriginal (camera local time)."
     )
     embedding_model: str = Field(index=True, description="The CLIP model that made the stored vector.")
     caption: str | None = Field(default=None, description="BLIP's caption, once one was made.")

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("size_bytes", sa.Integer, nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("created_at", UtcDateTime, nullable=False),
-        sa.Column("taken_at", UtcDateTime),
+        sa.Column("taken_at", sa.DateTime),
         sa.Column("embedding_model", sa.String, nullable=False),
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("format", sa.String, nullable=False),
