@@ -26,8 +26,19 @@ class ImageBase(SQLModel):
     )
     # EXIF stores the camera's local time without a zone, so this one stays naive.
     taken_at: NaiveDatetime | None = Field(
-        default=None, sa_type=DateTime, description="EXIF DateTimeOriginal (camera local time)."
+        default=None, index=True, sa_type=DateTime, description="EXIF DateTimeOriginal (camera local time)."
     )
+    taken_at_offset: str | None = Field(
+        default=None, max_length=6, description="The UTC offset of `taken_at` (EXIF OffsetTimeOriginal), as +02:00."
+    )
+    latitude: float | None = Field(
+        default=None, index=True, description="EXIF GPS latitude in degrees (north positive)."
+    )
+    longitude: float | None = Field(default=None, description="EXIF GPS longitude in degrees (east positive).")
+    altitude: float | None = Field(default=None, description="EXIF GPS altitude in metres above sea level.")
+    camera_make: str | None = Field(default=None, max_length=100, description="EXIF Make.")
+    camera_model: str | None = Field(default=None, max_length=100, description="EXIF Model.")
+    lens: str | None = Field(default=None, max_length=100, description="EXIF LensMake and LensModel.")
     embedding_model: str = Field(index=True, description="The CLIP model that made the stored vector.")
     caption: str | None = Field(default=None, description="BLIP's caption, once one was made.")
 
@@ -54,7 +65,7 @@ class ImageTag(SQLModel, table=True):
 
 
 MAX_CLUSTERS = 1000
-JobKind = Literal["cluster", "import", "reindex", "caption"]
+JobKind = Literal["cluster", "import", "reindex", "caption", "metadata"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -395,3 +406,24 @@ Responses = dict[int | str, dict[str, Any]]
 
 # Documents the 422 every route with parameters can answer (the default schema is FastAPI's, not ours).
 VALIDATION_ERROR_RESPONSE: Responses = {422: {"model": ErrorBody, "description": "Invalid parameters"}}
+
+
+class TimelineImage(BaseModel):
+    id: int
+    taken_at: datetime
+    thumbnail_url: str
+
+
+class TimelineBucket(BaseModel):
+    key: str = Field(description="The year, month or day: 2024, 2024-05 or 2024-05-17.")
+    count: int = Field(description="Images taken in it that the filters keep.")
+    images: list[TimelineImage] = Field(description="The newest few of them.")
+
+
+class TimelinePublic(BaseModel):
+    granularity: Literal["year", "month", "day"]
+    buckets: list[TimelineBucket] = Field(description="Newest first.")
+    count: int = Field(description="Buckets in all (offset and limit page through them).")
+    offset: int
+    limit: int
+    undated: int = Field(description="Images the filters keep that have no date taken: in no bucket.")

@@ -187,23 +187,30 @@ class VectorIndex:
                 self._journal.append((ids, None))
             return removed
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """For each query, up to k (id, score) pairs, best first; missing slots (-1) are dropped."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        """For each query, up to k (id, score) pairs, best first; missing slots (-1) are dropped. With
+        `allowed`, only those ids are candidates, chosen before the top k is taken (a filtered search)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         with self._lock.read():
-            if self._index is None or self._index.ntotal == 0 or k <= 0:
+            if self._index is None or self._index.ntotal == 0 or k <= 0 or (allowed is not None and not len(allowed)):
                 return [[] for _ in range(len(queries))]
             if queries.shape[1] != self._index.d:
                 raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self._index.d}")
-            k = min(k, self._index.ntotal)
-            scores, ids = self._index.search(queries, k)
+            k = min(k, self._index.ntotal, len(allowed) if allowed is not None else k)
+            selector = None if allowed is None else faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             if isinstance(self._index, faiss.IndexIVF):
-                # The probed lists may hold fewer than k vectors (a small index, or a query far from every
-                # centroid): those queries read every list instead, so a search never comes back short.
+                probed = faiss.SearchParametersIVF(nprobe=self._index.nprobe, sel=selector)
+                scores, ids = self._index.search(queries, k, params=probed)
+                # The probed lists may hold fewer than k vectors (a small index, a query far from every
+                # centroid, or a filter): those queries read every list instead, so a search never comes back
+                # short while k candidates exist.
                 short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
                 if len(short):
-                    everything = faiss.SearchParametersIVF(nprobe=self._index.nlist)
+                    everything = faiss.SearchParametersIVF(nprobe=self._index.nlist, sel=selector)
                     scores[short], ids[short] = self._index.search(queries[short], k, params=everything)
+            else:
+                params = None if selector is None else faiss.SearchParameters(sel=selector)
+                scores, ids = self._index.search(queries, k, params=params)
         return [
             [(int(i), float(min(1.0, max(-1.0, s)))) for i, s in zip(row_ids, row_scores, strict=True) if i != -1]
             for row_ids, row_scores in zip(ids, scores, strict=True)

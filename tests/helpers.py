@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
+from PIL.TiffImagePlugin import IFDRational
 
 from backend.config import Settings
 
@@ -35,6 +36,49 @@ def make_image_bytes(
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+def exif_photo(
+    seed: int,
+    *,
+    taken: str | None = None,
+    offset: str | None = None,
+    gps: tuple[float, float, float] | None = None,
+    make: str | None = None,
+    model: str | None = None,
+    lens: str | None = None,
+) -> bytes:
+    """A JPEG whose EXIF says when (`taken` as 2021:07:14 09:30:05), where (latitude, longitude, altitude in
+    decimal degrees and metres) and with what it was taken, as a camera writes it."""
+    exif = Image.Exif()
+    details = exif.get_ifd(ExifTags.IFD.Exif)
+    if make is not None:
+        exif[0x010F] = make
+    if model is not None:
+        exif[0x0110] = model
+    if taken is not None:
+        details[0x9003] = taken
+    if offset is not None:
+        details[0x9011] = offset
+    if lens is not None:
+        details[0xA434] = lens
+    if gps is not None:
+        latitude, longitude, altitude = gps
+        info = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        info[ExifTags.GPS.GPSLatitudeRef] = "N" if latitude >= 0 else "S"
+        info[ExifTags.GPS.GPSLatitude] = _dms(abs(latitude))
+        info[ExifTags.GPS.GPSLongitudeRef] = "E" if longitude >= 0 else "W"
+        info[ExifTags.GPS.GPSLongitude] = _dms(abs(longitude))
+        info[ExifTags.GPS.GPSAltitudeRef] = b"\x00" if altitude >= 0 else b"\x01"
+        info[ExifTags.GPS.GPSAltitude] = IFDRational(round(abs(altitude) * 100), 100)
+    return make_image_bytes(seed, exif=exif.tobytes())
+
+
+def _dms(degrees: float) -> tuple[IFDRational, IFDRational, IFDRational]:
+    whole = int(degrees)
+    minutes = int((degrees - whole) * 60)
+    seconds = (degrees - whole - minutes / 60) * 3600
+    return IFDRational(whole, 1), IFDRational(minutes, 1), IFDRational(round(seconds * 10000), 10000)
 
 
 def stored_files(root: Path) -> list[Path]:

@@ -22,8 +22,10 @@ from backend.models import (
     UploadItem,
 )
 from backend.multipart import multipart_body, receive_uploads
-from backend.services import captions, catalog, importer, search, uploads
+from backend.routers.params import FilterDep, NarrowingDep
+from backend.services import captions, catalog, importer, metadata, search, uploads
 from backend.services.catalog import StoredFile
+from backend.services.filters import ImageSort
 from backend.services.jobs import job_public
 
 router = APIRouter(
@@ -118,22 +120,38 @@ def _batch(outcomes: list[uploads.UploadOutcome], result: uploads.UploadResult) 
     )
 
 
-@router.get("", response_model=ImagesPublic, summary="List images, newest first")
+@router.get("", response_model=ImagesPublic, summary="List images, newest first, filtered")
 async def list_images(
     ctx: ContextDep,
+    image_filter: FilterDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    tag: Annotated[
-        str | None,
-        Query(
-            min_length=1,
-            max_length=200,
-            description="Only images with this zero-shot tag (any case; see /tags).",
-        ),
-    ] = None,
+    sort: Annotated[
+        ImageSort,
+        Query(description="By date taken or date stored, `-` for newest first; images without a date taken last."),
+    ] = "-created_at",
 ) -> ImagesPublic:
-    """A page of image records, newest first, with the total count."""
-    return await catalog.list_images(ctx, offset=offset, limit=limit, tag=tag)
+    """A page of image records with the count of all that the filters keep."""
+    return await catalog.list_images(ctx, offset=offset, limit=limit, image_filter=image_filter, sort=sort)
+
+
+@router.post(
+    "/metadata",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Read date, place and camera from the originals' EXIF again (a job)",
+)
+async def read_metadata(
+    ctx: ContextDep,
+    response: Response,
+    all_images: Annotated[
+        bool, Query(alias="all", description="Read every image again, not only those without any metadata.")
+    ] = False,
+) -> JobPublic:
+    """Images stored before the service read EXIF time, place and camera get them from their originals."""
+    job = job_public(await metadata.start_metadata(ctx, missing_only=not all_images))
+    response.headers["Location"] = job.url
+    return job
 
 
 @router.post(
@@ -248,7 +266,9 @@ async def delete_image(ctx: ContextDep, image_id: ImageId) -> Response:
 async def similar_images(
     ctx: ContextDep,
     image_id: ImageId,
+    narrowing: NarrowingDep,
     top_k: Annotated[int, Query(ge=1, le=200)] = 10,
 ) -> SearchResults:
-    """Image -> image search from a stored image; the image itself is not in the results."""
-    return await search.search_similar(ctx, image_id, top_k=top_k)
+    """Image -> image search from a stored image; the image itself is not in the results. The filters
+    choose the candidates before the top_k are taken."""
+    return await search.search_similar(ctx, image_id, top_k=top_k, narrowing=narrowing)

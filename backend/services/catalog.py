@@ -7,7 +7,7 @@ transaction; other services build on them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,11 +23,11 @@ from backend.models import (
     ImageEmbedding,
     ImagePublic,
     ImagesPublic,
-    ImageTag,
     ImageUploaded,
     TagScore,
     TagsPublic,
 )
+from backend.services.filters import ImageFilter, ImageSort, image_order
 from backend.services.index import stored_vector
 from backend.services.tagging import load_tags, tag_counts
 from ml.inference import key_precision
@@ -86,24 +86,35 @@ async def count_images(session: AsyncSession, *, model_name: str, indexed: int) 
     return indexed + stale, stale
 
 
-async def list_images(ctx: AppContext, *, offset: int, limit: int, tag: str | None = None) -> ImagesPublic:
-    """A page, newest first, with the count of all images (or of those carrying `tag`, in any letter case)."""
+async def list_images(
+    ctx: AppContext,
+    *,
+    offset: int,
+    limit: int,
+    image_filter: ImageFilter | None = None,
+    sort: ImageSort = "-created_at",
+) -> ImagesPublic:
+    """A page in `sort` order (newest upload first by default) with the count of the images the filter keeps."""
+    image_filter = canonical_filter(ctx, image_filter or ImageFilter())
     async with ctx.sessions() as session:
         query = select(Image)
-        if tag is None:
+        where = image_filter.where()
+        if where is None:
             count, _ = await count_images(
                 session, model_name=ctx.settings.embedding_model, indexed=await ctx.index.size()
             )
         else:
-            tagged = select(ImageTag.image_id).where(ImageTag.tag == ctx.tags.canonical(tag))
-            query = query.where(col(Image.id).in_(tagged))
-            count = (await session.exec(select(func.count()).select_from(Image).where(col(Image.id).in_(tagged)))).one()
-        rows = (
-            await session.exec(
-                query.order_by(col(Image.created_at).desc(), col(Image.id).desc()).offset(offset).limit(limit)
-            )
-        ).all()
+            query = query.where(where)
+            count = (await session.exec(select(func.count()).select_from(Image).where(where))).one()
+        rows = (await session.exec(query.order_by(*image_order(sort)).offset(offset).limit(limit))).all()
         return ImagesPublic(data=await publish(session, list(rows)), count=count, offset=offset, limit=limit)
+
+
+def canonical_filter(ctx: AppContext, image_filter: ImageFilter) -> ImageFilter:
+    """The filter with its tag in the vocabulary's spelling."""
+    if image_filter.tag is None:
+        return image_filter
+    return replace(image_filter, tag=ctx.tags.canonical(image_filter.tag))
 
 
 async def list_tags(ctx: AppContext) -> TagsPublic:

@@ -8,13 +8,13 @@ import mmap
 import re
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from backend.errors import ImageTooComplexError, ImageTooLargeError, InvalidImageError, UnsupportedFormatError
+from backend.services.photo_metadata import PhotoMetadata, read_metadata
 
 try:  # HEIC/HEIF through the maintained pillow-heif plugin; AVIF is built into Pillow.
     from pillow_heif import register_heif_opener
@@ -35,7 +35,6 @@ ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
     "HEIF": ("image/heic", "heic"),
     "AVIF": ("image/avif", "avif"),
 }
-_EXIF_DATETIME_ORIGINAL = 0x9003
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ImageInfo:
     extension: str
     width: int  # after the EXIF orientation
     height: int
-    taken_at: datetime | None
+    metadata: PhotoMetadata  # EXIF date, place and camera
 
 
 @dataclass
@@ -148,7 +147,7 @@ def decode_image(
                     scale = min_side / min(width, height)
                     image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
                 image.load()
-                taken_at = _taken_at(image)
+                metadata = read_metadata(image)
                 orientation = _orientation(image)
                 extrema = _grey_extrema(image) if image.mode in ("I", "F") else None
                 rgb = to_rgb(_shrunk(image, min_side), extrema=extrema)
@@ -161,7 +160,7 @@ def decode_image(
             except Exception as exc:
                 raise InvalidImageError(f"image data is truncated or corrupt: {_short(exc)}") from exc
     content_type, extension = ALLOWED_FORMATS[fmt]
-    info = ImageInfo(fmt, content_type, extension, width, height, taken_at)
+    info = ImageInfo(fmt, content_type, extension, width, height, metadata)
     return DecodedImage(info=info, rgb=rgb)
 
 
@@ -282,20 +281,6 @@ def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
     buffer = io.BytesIO()
     thumb.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-def _taken_at(image: Image.Image) -> datetime | None:
-    try:
-        exif = image.getexif()
-        raw = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME_ORIGINAL)
-    except Exception:  # a damaged EXIF block only loses the date
-        return None
-    if not isinstance(raw, str):
-        return None
-    try:
-        return datetime.strptime(raw.strip().rstrip("\x00"), "%Y:%m:%d %H:%M:%S")
-    except ValueError:
-        return None
 
 
 def _short(exc: BaseException) -> str:

@@ -174,9 +174,11 @@ class IndexService:
         await self._executor.run(self._index.remove, ids)
         await self._changed()
 
-    async def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """Per query, up to k (id, cosine) pairs, best first."""
-        return await self._executor.run_query(self._index.search, queries, k)
+    async def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Per query, up to k (id, cosine) pairs, best first; only `allowed` ids when given."""
+        return await self._executor.run_query(self._index.search, queries, k, allowed)
 
     @property
     def count(self) -> int:

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 INDEX_LOCK = 0x1A6E_0002
 
 
+# A filtered search over at most this many candidates ranks them exactly instead of walking the graph.
+EXACT_FILTERED = 20_000
+# How far the iterative scan of a filtered search may walk the graph (pgvector's default is 20 000).
+MAX_SCAN_TUPLES = 200_000
+
+
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -123,22 +129,36 @@ class PgVectorIndex:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    async def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """Per query, up to k (id, cosine) pairs, best first."""
+    async def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Per query, up to k (id, cosine) pairs, best first. With `allowed`, only those ids are candidates:
+        a few thousand are ranked exactly; more go through the HNSW index, whose iterative scan keeps going
+        until k of them are found (pgvector 0.8), so a filtered search does not come back short."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if k <= 0:
+        if k <= 0 or (allowed is not None and not len(allowed)):
             return [[] for _ in range(len(queries))]
         dim = queries.shape[1]
         distance = f"embedding::vector({dim}) <=> CAST(:q AS vector({dim}))"
+        condition, order = "", distance
+        parameters: dict[str, object] = {"k": k}
+        if allowed is not None:
+            condition = "AND id = ANY(:allowed) "
+            parameters["allowed"] = [int(i) for i in allowed]
+            if len(allowed) <= EXACT_FILTERED:
+                order = f"({distance}) + 0"  # not the index's expression: an exact ranking of the few
         statement = text(
             f"SELECT id, {distance} AS distance FROM image WHERE embedding_model = {self._model} "
-            f"AND embedding_dim = {dim} ORDER BY {distance} LIMIT :k"
+            f"AND embedding_dim = {dim} {condition}ORDER BY {order} LIMIT :k"
         )
         results: list[list[tuple[int, float]]] = []
         async with self._engine.connect() as connection, connection.begin():
             await connection.execute(text(f"SET LOCAL hnsw.ef_search = {max(self._ef_search, min(k, 1000))}"))
+            if allowed is not None:
+                await connection.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+                await connection.execute(text(f"SET LOCAL hnsw.max_scan_tuples = {MAX_SCAN_TUPLES}"))
             for query in queries:
-                rows = (await connection.execute(statement, {"q": query.astype("<f4").tobytes(), "k": k})).all()
+                rows = (await connection.execute(statement, {**parameters, "q": query.astype("<f4").tobytes()})).all()
                 results.append([(int(row[0]), float(1.0 - row[1])) for row in rows])
         return results
 

@@ -205,7 +205,7 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
         format=info.format,
         width=info.width,
         height=info.height,
-        taken_at=info.taken_at,
+        **info.metadata.columns(),
         size_bytes=staged.size,
         sha256=staged.sha256,
         embedding_model=embedder.embedding_model,

@@ -212,3 +212,19 @@ def test_approximate_search_never_comes_back_short_of_k() -> None:
         assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
     index.remove(np.arange(290))
     assert [len(hits) for hits in index.search(vectors[290:], 200)] == [10] * 10
+
+
+@pytest.mark.parametrize("layout", [IndexLayout(), IndexLayout(approximate_from=100, probe_fraction=0.01)])
+def test_a_filtered_search_ranks_only_the_allowed_ids_and_fills_k_from_them(layout: IndexLayout) -> None:
+    vectors, ids = unit(400, dim=16, seed=5), np.arange(1, 401)
+    index = VectorIndex(layout=layout)
+    index.reset(ids, vectors)
+    assert index.approximate == (layout.approximate_from == 100)
+    allowed = ids[::37]  # 11 ids scattered over the lists, most of them far from any one query
+    for row in (0, 200, 399):
+        hits = index.search(vectors[row], 5, allowed)[0]
+        kept = vectors[allowed - 1]
+        assert [i for i, _ in hits] == exact_top(kept, allowed, vectors[row], 5)
+        assert len(index.search(vectors[row], 50, allowed)[0]) == len(allowed)
+    assert index.search(vectors[0], 5, np.array([], dtype=np.int64)) == [[]]
+    assert index.search(vectors[0], 5, np.array([10_000], dtype=np.int64)) == [[]]
