@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_id", type=int, metavar="RUN_ID", help="the run's id (GET /clusters shows it)")
     export.add_argument("--to", type=Path, required=True, metavar="DIR", help="a new or empty folder")
 
+    library = commands.add_parser("library", help="folders indexed in place (their files are never changed)")
+    library_commands = library.add_subparsers(dest="library_command", required=True, metavar="SUBCOMMAND")
+    add = with_collection(library_commands.add_parser("add", help="index a folder in place, and scan it"))
+    add.add_argument("path", type=Path, help="the folder (its files stay where they are, read-only)")
+    add.add_argument("--name", help="what to call it (default: the folder's name)")
+    add.add_argument("--no-watch", dest="watch", action="store_false", help="do not follow it while serving")
+    with_collection(library_commands.add_parser("list", help="the libraries with their counts"))
+    scan = with_collection(library_commands.add_parser("scan", help="bring a library's changes in now"))
+    scan.add_argument("library_id", type=int, metavar="ID", help="the library's id (`library list` shows it)")
+    remove = with_collection(library_commands.add_parser("remove", help="forget a library; its files stay"))
+    remove.add_argument("library_id", type=int, metavar="ID", help="the library's id")
+
     check = with_collection(commands.add_parser("check", help="compare the database, the files and the index"))
     check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
 
@@ -155,7 +167,9 @@ async def _open(settings: Settings, name: str, *, maintain: bool = True) -> Asyn
     transformers_logging.disable_progress_bar()  # one bar per command: the job's
     try:
         # CLIP loads when a command needs it, not on principle.
-        async with open_runtime(settings.model_copy(update={"clip_preload": False})) as collections:
+        # No watcher either: a command does its work and ends.
+        update = {"clip_preload": False, "library_watch": False}
+        async with open_runtime(settings.model_copy(update=update)) as collections:
             yield await collections.get(name, maintain=maintain)
     except StorageBusy as exc:
         raise CommandError(str(exc)) from exc
@@ -209,6 +223,47 @@ async def _import(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if result["failed"] and not (result["created"] or result["duplicates"]) else 0
 
 
+async def _library(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.models import LibraryCreate
+    from backend.services import libraries
+
+    async with _open(settings, args.collection) as ctx:
+        if args.library_command == "list":
+            listed = await libraries.list_libraries(ctx)
+            for item in listed.data:
+                state = "online" if item.online else f"offline ({item.last_error})"
+                scanned = item.scanned_at.isoformat(timespec="seconds") if item.scanned_at else "never"
+                print(f"{item.id}\t{item.name}\t{item.path}\t{item.images} images\t{state}\tscanned {scanned}")
+            if not listed.data:
+                print("no libraries: `image-organizer library add FOLDER` makes one")
+            return 0
+        if args.library_command == "remove":
+            removed = await libraries.delete_library(ctx, args.library_id)
+            print(f"forgot library {args.library_id}: {removed} images left the catalog; its files are untouched")
+            return 0
+        if args.library_command == "add":
+            folder = args.path.expanduser().absolute()
+            body = LibraryCreate(path=str(folder), name=args.name, watch=args.watch)
+            created = await libraries.create_library(ctx, body, roots=[folder.resolve()])
+            print(f"library {created.id} ({created.name}): {created.path}")
+            library_id = created.id
+        else:
+            library_id = args.library_id
+        job = await libraries.start_scan(ctx, library_id)
+        result = await _follow(ctx, job.id, "files")
+    if not result.get("online", True):
+        print(f"library {library_id} is offline: {result['reason']}; nothing was removed")
+        return 1
+    print(
+        f"scanned {result['files']} files: {result['added']} new images, {result['linked']} files of known images, "
+        f"{result['unchanged']} unchanged, {result['removed']} images removed, {result['pending']} still being "
+        f"written, {result['failed']} failed"
+    )
+    for failure in result.get("failures", [])[:20]:
+        print(f"  failed: {failure['path']}: {failure['detail']}")
+    return 0
+
+
 async def _reindex(settings: Settings, args: argparse.Namespace) -> int:
     from backend.services.reindex import start_reindex
 
@@ -240,7 +295,7 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
-_COMMANDS = {"import": _import, "reindex": _reindex, "export": _export, "check": _check}
+_COMMANDS = {"import": _import, "library": _library, "reindex": _reindex, "export": _export, "check": _check}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -31,6 +31,7 @@ from backend.services.catalog import count_images
 from backend.services.imaging import set_pixel_limit
 from backend.services.index import IndexService
 from backend.services.jobs import JobService
+from backend.services.libraries import LibraryWatcher
 from backend.services.maintenance import sweep_in_background
 from backend.services.model_loader import ModelLoader
 from backend.services.pgvector_index import PgVectorIndex
@@ -294,6 +295,9 @@ async def open_collection(
         collection=name,
     )
     sweep = asyncio.create_task(sweep_in_background(ctx), name=f"sweep-orphan-files-{name}") if maintain else None
+    if maintain and settings.library_watch:
+        ctx.watcher = LibraryWatcher(ctx)
+        ctx.watcher.start()
     return ctx, sweep
 
 
@@ -333,6 +337,8 @@ class Collections:
                 sweep.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweep
+            if ctx.watcher is not None:
+                await ctx.watcher.close()
             await ctx.jobs.close()
             await ctx.index.close()
             await ctx.engine.dispose()

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
 
     # Folders POST /images/import may read from (comma-separated); empty disables folder import.
     import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Libraries (folders inside IMPORT_ROOTS indexed in place): follow the watched ones while running, and
+    # scan every library at startup and every LIBRARY_RESCAN_INTERVAL seconds (what no event told: network
+    # shares often send none). Files modified in the last LIBRARY_SETTLE_SECONDS wait for the next scan,
+    # as they may still be written. LIBRARY_WATCH_POLLING polls instead of inotify (some network mounts).
+    library_watch: bool = True
+    library_rescan_interval: float = Field(default=3600.0, ge=5, le=30 * 86_400)
+    library_settle_seconds: float = Field(default=2.0, ge=0, le=3600)
+    library_watch_polling: bool = False
     # Browser origins allowed to call the API (comma-separated, or * for any); empty = same origin only.
     # `null` (pages opened from disk, but also sandboxed frames of any site) needs API_KEYS.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

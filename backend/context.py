@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -47,3 +48,7 @@ class AppContext:
     # Serialises the short commit phase of writes (file rename, row, index) so that
     # two uploads of the same bytes, or an upload and a delete, cannot interleave.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set when a library is added, changed or removed: the watcher follows the new set of folders.
+    libraries_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The task that follows the libraries' folders (services/libraries.LibraryWatcher), when this process runs one.
+    watcher: Any = None

@@ -215,6 +215,22 @@ class ImportPathNotFound(NotFound):
 
 
 # The service's own state.
+class LibraryNotFound(NotFound):
+    code = "library_not_found"
+
+
+class LibraryExists(Conflict):
+    """The folder, or one inside or around it, or the name, is a library already."""
+
+    code = "library_exists"
+
+
+class LibraryOffline(Conflict):
+    """The library's folder cannot be reached (an unmounted disk): its images have no original for now."""
+
+    code = "library_offline"
+
+
 class ModelUnavailableError(Unavailable):
     code = "model_unavailable"
 

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NaiveDatetime, field_validator
-from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlmodel import Field, SQLModel
 
 from backend.dbtypes import Embedding, UtcDateTime
@@ -41,6 +41,17 @@ class ImageBase(SQLModel):
     lens: str | None = Field(default=None, max_length=100, description="EXIF LensMake and LensModel.")
     embedding_model: str = Field(index=True, description="The CLIP model that made the stored vector.")
     caption: str | None = Field(default=None, description="BLIP's caption, once one was made.")
+    # No foreign key: the libraries service removes a library's images itself (their vectors and thumbnails
+    # go with them), and SQLite could not drop a referencing column in place.
+    library_id: int | None = Field(
+        default=None,
+        index=True,
+        description="The library whose folder holds the original (none for an upload, whose original is stored).",
+    )
+    path: str | None = Field(default=None, description="Where the original lies in its library (relative, /).")
+    offline: bool = Field(
+        default=False, description="Its library's folder cannot be reached (an unmounted disk): no original for now."
+    )
 
 
 class Image(ImageBase, table=True):
@@ -55,6 +66,35 @@ class Image(ImageBase, table=True):
     caption_model: str | None = Field(default=None, description="The BLIP model that wrote `caption`.")
 
 
+class Library(SQLModel, table=True):
+    """A folder indexed in place: its files are read, never written, moved or deleted."""
+
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=200)
+    path: str = Field(unique=True, description="The folder, absolute and resolved.")
+    watch: bool = True
+    online: bool = True
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    scanned_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_error: str | None = None
+
+
+class LibraryFile(SQLModel, table=True):
+    """A file of a library and the image its bytes are: what a scan compares the folder against. Two files
+    with the same bytes are one image (one row each here); the image's `path` names one of them."""
+
+    __tablename__ = "library_file"
+    __table_args__ = (Index("ux_library_file_path", "library_id", "path", unique=True),)
+    id: int | None = Field(default=None, primary_key=True)
+    library_id: int = Field(foreign_key="library.id", ondelete="CASCADE")
+    path: str
+    size: int = Field(sa_type=BigInteger)
+    mtime_ns: int = Field(sa_type=BigInteger)
+    sha256: str = Field(max_length=64)
+    image_id: int = Field(foreign_key="image.id", ondelete="CASCADE", index=True)
+
+
 class ImageTag(SQLModel, table=True):
     """Zero-shot tags: the vocabulary entries whose CLIP text vector fits the image best."""
 
@@ -65,7 +105,7 @@ class ImageTag(SQLModel, table=True):
 
 
 MAX_CLUSTERS = 1000
-JobKind = Literal["cluster", "import", "reindex", "caption", "metadata"]
+JobKind = Literal["cluster", "import", "reindex", "caption", "metadata", "scan"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -427,3 +467,36 @@ class TimelinePublic(BaseModel):
     offset: int
     limit: int
     undated: int = Field(description="Images the filters keep that have no date taken: in no bucket.")
+
+
+class LibraryCreate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096, description="A folder inside one of the IMPORT_ROOTS.")
+    name: str | None = Field(default=None, min_length=1, max_length=200, description="Default: the folder's name.")
+    watch: bool = Field(default=True, description="Follow changes to the folder while the service runs.")
+
+
+class LibraryUpdate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    watch: bool | None = None
+
+
+class LibraryPublic(BaseModel):
+    id: int
+    name: str
+    path: str
+    watch: bool
+    online: bool = Field(description="False while the folder cannot be reached; its images are kept, offline.")
+    created_at: datetime
+    scanned_at: datetime | None = Field(description="When the last scan finished.")
+    last_error: str | None = Field(description="Why the last scan found the folder offline, if it did.")
+    images: int = Field(description="Images whose original lies in this library.")
+    files: int = Field(description="Image files in it (the same bytes twice are two files, one image).")
+
+
+class LibrariesPublic(BaseModel):
+    data: list[LibraryPublic]
+    count: int

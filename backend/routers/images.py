@@ -3,6 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from backend.deps import ContextDep
 from backend.errors import domain_error_response, http_status
@@ -237,6 +238,7 @@ async def get_thumbnail(ctx: ContextDep, image_id: ImageId) -> FileResponse:
 def _serve(found: StoredFile) -> FileResponse:
     return FileResponse(
         found.path,
+        background=BackgroundTask(found.opened.close) if found.opened is not None else None,
         media_type=found.media_type,
         filename=found.filename,
         content_disposition_type="inline",

@@ -56,6 +56,9 @@ def image_filter(
         str | None,
         Query(min_length=1, max_length=200, description="Only images with this zero-shot tag (any case; see /tags)."),
     ] = None,
+    library: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Only images whose original lies in this library.")
+    ] = None,
 ) -> ImageFilter:
     if (
         taken_after is not None
@@ -70,6 +73,7 @@ def image_filter(
         has_location=has_location,
         bbox=_bbox(bbox) if bbox is not None else None,
         tag=tag,
+        library=library,
     )
 
 

@@ -14,6 +14,7 @@ from backend.errors import DomainError, NothingToDo, OriginalUnreadable
 from backend.models import Image, ImagePublic, Job
 from backend.services.catalog import get_images_by_ids, load_image, publish
 from backend.services.jobs import JobHandle
+from backend.services.originals import original_paths
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], Awaitable[None]]
@@ -27,6 +28,7 @@ async def caption_stored(
     captioner = await ctx.blip.get()
     async with ctx.sessions() as session:
         rows = await get_images_by_ids(session, ids)
+        where = dict(zip(rows, await original_paths(ctx, session, list(rows.values())), strict=True))
     captions: dict[int, str] = {}
     todo: list[Image] = []
     for image_id in dict.fromkeys(ids):
@@ -42,7 +44,7 @@ async def caption_stored(
         await progress(len(captions), total)
     for start in range(0, len(todo), captioner.batch_size):
         batch = todo[start : start + captioner.batch_size]
-        inputs = await ctx.pipeline.prepare([ctx.store.path(row.storage_key) for row in batch], captioner.preprocess)
+        inputs = await ctx.pipeline.prepare([where[row.id or 0] for row in batch], captioner.preprocess)
         readable: list[tuple[Image, torch.Tensor]] = []
         for row, prepared in zip(batch, inputs, strict=True):
             if isinstance(prepared, DomainError):

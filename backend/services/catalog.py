@@ -7,9 +7,10 @@ transaction; other services build on them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from sqlalchemy import func
@@ -17,7 +18,7 @@ from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
-from backend.errors import DamagedVector, ImageNotFound, StoredFileMissing
+from backend.errors import DamagedVector, DomainError, ImageNotFound, LibraryOffline, StoredFileMissing
 from backend.models import (
     Image,
     ImageEmbedding,
@@ -29,6 +30,8 @@ from backend.models import (
 )
 from backend.services.filters import ImageFilter, ImageSort, image_order
 from backend.services.index import stored_vector
+from backend.services.library_files import descriptor_path, open_in_library
+from backend.services.originals import library_roots
 from backend.services.tagging import load_tags, tag_counts
 from ml.inference import key_precision
 
@@ -41,6 +44,7 @@ class StoredFile:
     media_type: str
     etag: str
     filename: str | None  # the name to save it as; None for a thumbnail
+    opened: BinaryIO | None = None  # a library original, opened already: `path` reads this very file
 
 
 def image_public(image: Image, tags: list[TagScore] | None = None) -> ImagePublic:
@@ -158,13 +162,27 @@ async def image_embedding(ctx: AppContext, image_id: int) -> ImageEmbedding:
 
 
 async def stored_file(ctx: AppContext, image_id: int, which: Literal["original", "thumbnail"]) -> StoredFile:
-    """The original as uploaded, or its JPEG thumbnail; StoredFileMissing when it is not on disk."""
+    """The original (as uploaded, or in its library's folder), or its JPEG thumbnail; StoredFileMissing when
+    it is not on disk, LibraryOffline while its library's folder cannot be reached. A library file is opened
+    here, without following links, and served from that descriptor (`opened`, for the caller to close)."""
     async with ctx.sessions() as session:
         image = await load_image(session, image_id)
-    if which == "original":
-        found = StoredFile(ctx.store.path(image.storage_key), image.content_type, image.sha256, image.filename)
-    else:
+        roots = await library_roots(session, {image.library_id} if image.library_id is not None else set())
+    if which == "thumbnail":
         found = StoredFile(ctx.store.path(image.thumbnail_key), "image/jpeg", f"{image.sha256}-thumb", None)
+    elif image.library_id is not None and image.path is not None:
+        if image.offline or image.library_id not in roots:
+            raise LibraryOffline(f"the library that holds image {image_id} is offline: its folder cannot be reached")
+        try:
+            fd = await ctx.executor.run(open_in_library, roots[image.library_id], image.path)
+        except DomainError as exc:
+            raise StoredFileMissing(f"the original in the library cannot be read: {exc.detail}") from exc
+        except OSError as exc:
+            raise StoredFileMissing("the library's folder cannot be read") from exc
+        handle = os.fdopen(fd, "rb")  # closes the descriptor when the answer is done (or is dropped)
+        return StoredFile(descriptor_path(fd), image.content_type, image.sha256, image.filename, handle)
+    else:
+        found = StoredFile(ctx.store.path(image.storage_key), image.content_type, image.sha256, image.filename)
     if not found.path.is_file():
         raise StoredFileMissing("the stored file is missing")
     return found
@@ -173,12 +191,23 @@ async def stored_file(ctx: AppContext, image_id: int, which: Literal["original",
 async def delete_image(ctx: AppContext, image_id: int) -> None:
     """Remove the row, then the vector, then the files: a crash in between leaves only unreferenced files.
 
-    Its tags and cluster memberships go with the row (ON DELETE CASCADE).
+    Its tags and cluster memberships go with the row (ON DELETE CASCADE). The original of a library image
+    stays in its folder: only the record, its vector and its thumbnail go.
     """
     async with ctx.write_lock, ctx.sessions() as session:
         image = await load_image(session, image_id)
-        keys = (image.storage_key, image.thumbnail_key)
+        await forget_images(ctx, session, [image])
+
+
+async def forget_images(ctx: AppContext, session: AsyncSession, images: list[Image]) -> None:
+    """Delete these rows and commit, then their vectors and the files the service stored for them. Called
+    under the write lock."""
+    keys: list[str] = []
+    for image in images:
+        keys += [image.thumbnail_key] if image.library_id is not None else [image.storage_key, image.thumbnail_key]
         await session.delete(image)
-        await session.commit()
-        await ctx.index.remove(np.array([image_id], dtype=np.int64))
-        await ctx.executor.run(ctx.store.delete, *keys)
+    await session.commit()
+    ids = np.array([image.id for image in images if image.id is not None], dtype=np.int64)
+    if len(ids):
+        await ctx.index.remove(ids)
+    await ctx.executor.run(ctx.store.delete, *[key for key in keys if key])

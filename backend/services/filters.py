@@ -39,6 +39,7 @@ class ImageFilter:
     has_location: bool | None = None
     bbox: BoundingBox | None = None
     tag: str | None = None  # canonical vocabulary entry
+    library: int | None = None
 
     @property
     def active(self) -> bool:
@@ -69,6 +70,8 @@ class ImageFilter:
                 found.append(longitude.between(box.min_lon, box.max_lon))
             else:
                 found.append(or_(longitude >= box.min_lon, longitude <= box.max_lon))
+        if self.library is not None:
+            found.append(col(Image.library_id) == self.library)
         if self.tag is not None:
             found.append(col(Image.id).in_(select(ImageTag.image_id).where(ImageTag.tag == self.tag)))
         return found

@@ -37,6 +37,13 @@ ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
+# Files with these extensions are read; others are counted as skipped (folder import, libraries).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".heic", ".heif",
+     ".avif", ".mpo"}
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str

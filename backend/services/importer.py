@@ -28,15 +28,11 @@ from backend.errors import (
 )
 from backend.models import Job
 from backend.services.captions import caption_stored
+from backend.services.imaging import IMAGE_EXTENSIONS
 from backend.services.jobs import Failures, JobCancelled, JobHandle
 from backend.services.storage import FileStore, IncomingFile, StagedFile, StagingWriter
 from backend.services.uploads import ingest_files
 
-# Files with these extensions are read; others are counted as skipped.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".heic", ".heif",
-     ".avif", ".mpo"}
-)  # fmt: skip
 # Failures listed in the job's result (all are counted).
 # A job's result lists the ids of at most this many images it made (its failures: jobs.MAX_LISTED).
 MAX_LISTED_IDS = 1000

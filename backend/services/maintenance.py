@@ -195,11 +195,13 @@ async def check_collection(ctx: AppContext, *, repair: bool = False) -> CheckRep
                 report.images += 1
                 known.add(sha)
                 original = ctx.store.path(storage_key)
-                if original not in files.get(sha, []):
+                # A library's original lies in its folder, which its scans follow; only uploads are checked here.
+                in_library = image.library_id is not None
+                if not in_library and original not in files.get(sha, []):
                     report.missing_originals.append(image_id)
                 if ctx.store.path(thumbnail_key) not in files.get(sha, []):
                     report.missing_thumbnails.append(image_id)
-                    if original in files.get(sha, []):
+                    if not in_library and original in files.get(sha, []):
                         thumbnails_to_make.append((image_id, storage_key, thumbnail_key))
                 if image.embedding_model != model:
                     report.stale_vectors += 1

@@ -16,6 +16,7 @@ from backend.context import AppContext
 from backend.models import Image, Job
 from backend.services.catalog import get_images_by_ids
 from backend.services.jobs import Failures, JobCancelled, JobHandle
+from backend.services.originals import original_paths
 from backend.services.photo_metadata import PhotoMetadata, read_file_metadata
 
 BATCH = 200
@@ -45,15 +46,14 @@ async def _run(ctx: AppContext, handle: JobHandle, missing_only: bool) -> dict[s
         batch = ids[start : start + BATCH]
         async with ctx.sessions() as session:
             rows = await get_images_by_ids(session, batch)
+            where = dict(zip(rows, await original_paths(ctx, session, list(rows.values())), strict=True))
         read: list[tuple[int, PhotoMetadata]] = []
         for image_id in batch:
             image = rows.get(image_id)
             if image is None:  # deleted meanwhile
                 continue
             try:
-                metadata = await handle.unless_cancelled(
-                    ctx.executor.run(read_file_metadata, str(ctx.store.path(image.storage_key)))
-                )
+                metadata = await handle.unless_cancelled(ctx.executor.run(read_file_metadata, str(where[image_id])))
             except JobCancelled:
                 raise
             except OSError as exc:

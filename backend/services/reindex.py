@@ -18,6 +18,7 @@ from backend.models import Image, Job
 from backend.services.catalog import get_images_by_ids
 from backend.services.index import vector_to_blob
 from backend.services.jobs import Failures, JobHandle
+from backend.services.originals import original_paths
 from backend.services.pipeline import PreparedImage
 from backend.services.tagging import replace_tags
 from ml.embedder import ClipEmbedder
@@ -72,8 +73,8 @@ async def _reembed_batch(ctx: AppContext, embedder: ClipEmbedder, batch: list[in
     failures: list[dict[str, Any]] = []
     async with ctx.sessions() as session:
         rows = await get_images_by_ids(session, batch)
-    images = [rows[i] for i in batch if i in rows]  # deleted meanwhile: nothing to do
-    paths = [ctx.store.path(image.storage_key) for image in images]
+        images = [rows[i] for i in batch if i in rows]  # deleted meanwhile: nothing to do
+        paths = await original_paths(ctx, session, images)
     readable: list[tuple[Image, PreparedImage]] = []
     for image, outcome in zip(images, await ctx.pipeline.prepare(paths, embedder.preprocess), strict=True):
         if isinstance(outcome, DomainError):

@@ -25,6 +25,7 @@ from backend.models import (
 )
 from backend.services.catalog import get_images_by_ids, publish
 from backend.services.clustering import RequestedK, resolve_k, start_run
+from backend.services.originals import original_paths
 
 
 @dataclass(frozen=True)
@@ -180,15 +181,16 @@ async def member_files(ctx: AppContext, run_id: int) -> list[MemberFile]:
                 .order_by(col(ClusterMember.cluster_id), col(ClusterMember.rank))
             )
         ).all()
+        paths = await original_paths(ctx, session, [image for _, _, image in rows])
     found = []
-    for cluster_id, caption, image in rows:
+    for (cluster_id, caption, image), path in zip(rows, paths, strict=True):
         found.append(
             MemberFile(
                 cluster_id=cluster_id,
                 caption=caption,
                 filename=image.filename,
-                extension=PurePosixPath(image.storage_key).suffix.removeprefix("."),
-                path=ctx.store.path(image.storage_key),
+                extension=PurePosixPath(image.path or image.storage_key).suffix.removeprefix("."),
+                path=path,
                 modified=image.taken_at or image.created_at,
             )
         )

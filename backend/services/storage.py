@@ -40,6 +40,14 @@ class IncomingFile:
     error: DomainError | None = None
     # The multipart field an upload came in (empty for files of a folder).
     form_field: str = ""
+    # A library file indexed in place: `staged` then reads the original itself (never moved or removed).
+    origin: LibraryOrigin | None = None
+
+
+@dataclass(frozen=True)
+class LibraryOrigin:
+    library_id: int
+    path: str  # relative to the library's folder, with /
 
 
 # Receives a request's files: staged on entering, whatever is still in tmp/ removed on leaving. Services that

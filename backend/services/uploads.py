@@ -23,7 +23,7 @@ from backend.models import Image, TagScore
 from backend.services.captions import start_caption_job
 from backend.services.index import vector_to_blob
 from backend.services.pipeline import PreparedImage
-from backend.services.storage import IncomingFile, Receive, StagedFile
+from backend.services.storage import IncomingFile, LibraryOrigin, Receive, StagedFile
 from backend.services.tagging import Tags, load_tags, tag_rows
 from ml.embedder import ClipEmbedder
 
@@ -60,6 +60,7 @@ class _NewFile:
 
     outcome: UploadOutcome
     staged: StagedFile
+    origin: LibraryOrigin | None = None
     prepared: PreparedImage | None = None
     vector: np.ndarray | None = None
     tags: Tags = field(default_factory=list)
@@ -109,7 +110,7 @@ async def ingest_files(ctx: AppContext, files: list[IncomingFile]) -> list[Uploa
             continue
         first = first_of.get(incoming.staged.sha256)
         if first is None:
-            first_of[incoming.staged.sha256] = _NewFile(outcome=outcome, staged=incoming.staged)
+            first_of[incoming.staged.sha256] = _NewFile(outcome=outcome, staged=incoming.staged, origin=incoming.origin)
         else:
             repeats.append((outcome, first))
     if not first_of:
@@ -197,7 +198,9 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
     """File, thumbnail, then row and tags. Called under the write lock with no row holding these bytes."""
     assert item.prepared is not None and item.vector is not None
     info, staged, vector = item.prepared.info, item.staged, item.vector
-    storage_key = ctx.store.original_key(staged.sha256, info.extension)
+    origin = item.origin
+    # A library's original stays where it is: no storage key, the record says where it lies.
+    storage_key = "" if origin is not None else ctx.store.original_key(staged.sha256, info.extension)
     thumbnail_key = ctx.store.thumbnail_key(staged.sha256)
     image = Image(
         filename=item.outcome.filename,
@@ -213,9 +216,13 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
         embedding=vector_to_blob(vector),
         storage_key=storage_key,
         thumbnail_key=thumbnail_key,
+        library_id=origin.library_id if origin is not None else None,
+        path=origin.path if origin is not None else None,
     )
+    stored_keys = (thumbnail_key,) if origin is not None else (storage_key, thumbnail_key)
     try:
-        await ctx.executor.run(ctx.store.commit, staged, storage_key)
+        if origin is None:
+            await ctx.executor.run(ctx.store.commit, staged, storage_key)
         await ctx.executor.run(ctx.store.write_atomic, thumbnail_key, item.prepared.thumbnail)
         session.add(image)
         await session.flush()
@@ -227,7 +234,7 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
         raise
     except Exception:
         await session.rollback()
-        await ctx.executor.run(ctx.store.delete, storage_key, thumbnail_key)
+        await ctx.executor.run(ctx.store.delete, *stored_keys)
         raise
     # A cancellation (shutdown, a client gone) may land after the commit went through, so the files stay:
     # a row must never lose its file. If no row was committed, the startup sweep removes them.

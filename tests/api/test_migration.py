@@ -52,6 +52,11 @@ def _as_hand_written(path, version: int) -> None:
         # Added by the revisions after the hand-written versions.
         db.execute("ALTER TABLE job DROP COLUMN owner")
         db.execute("ALTER TABLE job DROP COLUMN lease_until")
+        db.execute("DROP TABLE library_file")
+        db.execute("DROP TABLE library")
+        db.execute("DROP INDEX ix_image_library_id")
+        for column in ("library_id", "path", "offline"):
+            db.execute(f"ALTER TABLE image DROP COLUMN {column}")
         db.execute("DROP INDEX ix_image_taken_at")
         db.execute("DROP INDEX ix_image_latitude")
         for column in ("taken_at_offset", "latitude", "longitude", "altitude", "camera_make", "camera_model", "lens"):

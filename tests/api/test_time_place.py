@@ -140,8 +140,7 @@ async def test_filtered_search_finds_top_k_among_the_kept(client: httpx.AsyncCli
 
 
 async def test_search_results_in_date_order_and_cut_by_score(client: httpx.AsyncClient) -> None:
-    records = await seed(client)
-    by_id = {record["id"]: s for s, record in records.items()}
+    await seed(client)
     best = (await client.get("/search", params={"q": "a photo", "top_k": 4})).json()["results"]
     dated = (await client.get("/search", params={"q": "a photo", "top_k": 4, "sort": "-taken_at"})).json()["results"]
     # The same top 4, now by date taken, newest first, undated last.

@@ -61,7 +61,7 @@ def photos(tmp_path: Path) -> Path:
 def test_help_lists_every_subcommand(settings: Settings) -> None:
     done = run_cli(settings, "--help")
     assert done.returncode == 0, done.stderr
-    for command in ("serve", "import", "reindex", "export", "check", "keys"):
+    for command in ("serve", "import", "library", "reindex", "export", "check", "keys"):
         assert command in done.stdout
     assert run_cli(settings).returncode == 2  # no command: usage, status 2
     assert run_cli(settings, "export", "1").returncode == 2  # --to is required
@@ -143,6 +143,34 @@ async def test_export_writes_a_run_as_folders_of_the_original_files(
     unknown = run_cli(settings, "export", "999", "--to", str(tmp_path / "other"))
     assert unknown.returncode == 1 and "clustering run 999 not found" in unknown.stderr
     assert not (tmp_path / "other").exists()
+
+
+async def test_library_add_list_scan_remove_and_the_folder_is_left_as_it_was(
+    settings: Settings, photos: Path, run_app: AppRunner
+) -> None:
+    before = {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()}
+    added = run_cli(settings, "library", "add", str(photos), "--name", "Holiday")
+    assert added.returncode == 0, added.stderr
+    assert f"library 1 (Holiday): {photos.resolve()}" in added.stdout
+    assert "scanned 6 files: 5 new images" in added.stdout and "1 failed" in added.stdout
+    listed = run_cli(settings, "library", "list")
+    assert listed.returncode == 0 and "Holiday" in listed.stdout and "5 images" in listed.stdout
+    (photos / "p0.jpg").unlink()
+    before.pop(photos / "p0.jpg")
+    rescanned = run_cli(settings, "library", "scan", "1")
+    assert rescanned.returncode == 0, rescanned.stderr
+    assert "1 images removed" in rescanned.stdout
+    async with run_app() as client:  # the service sees the library and serves its files from the folder
+        images = (await client.get("/images", params={"library": 1})).json()
+        assert images["count"] == 4
+        served = await client.get(images["data"][0]["file_url"])
+        assert served.content == (photos / images["data"][0]["path"]).read_bytes()
+    unknown = run_cli(settings, "library", "scan", "7")
+    assert unknown.returncode == 1 and "library 7 not found" in unknown.stderr
+    removed = run_cli(settings, "library", "remove", "1")
+    assert removed.returncode == 0 and "4 images left the catalog" in removed.stdout
+    assert {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()} == before
+    assert "no libraries" in run_cli(settings, "library", "list").stdout
 
 
 async def test_reindex_re_embeds_every_image(settings: Settings, run_app: AppRunner) -> None:
@@ -282,7 +310,7 @@ def test_pip_install_gives_the_image_organizer_command(tmp_path: Path) -> None:
         [str(venv / "bin" / "image-organizer"), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert helped.returncode == 0, helped.stderr
-    for command in ("serve", "import", "reindex", "export", "check", "keys"):
+    for command in ("serve", "import", "library", "reindex", "export", "check", "keys"):
         assert command in helped.stdout
     where = subprocess.run(
         [str(python), "-c", "import backend, backend.routers.page as p; print(backend.__file__); print(p.PAGE)"],
