@@ -246,11 +246,12 @@ async def _library(settings: Settings, args: argparse.Namespace) -> int:
             body = LibraryCreate(path=str(folder), name=args.name, watch=args.watch)
             created = await libraries.create_library(ctx, body, roots=[folder.resolve()])
             print(f"library {created.id} ({created.name}): {created.path}")
-            library_id = created.id
+            library_id, job_id = created.id, created.scan_job
         else:
-            library_id = args.library_id
-        job = await libraries.start_scan(ctx, library_id)
-        result = await _follow(ctx, job.id, "files")
+            library_id, job_id = args.library_id, None
+        if job_id is None:
+            job_id = (await libraries.start_scan(ctx, library_id)).id
+        result = await _follow(ctx, job_id, "files")
     if not result.get("online", True):
         print(f"library {library_id} is offline: {result['reason']}; nothing was removed")
         return 1

@@ -495,6 +495,9 @@ class LibraryPublic(BaseModel):
     last_error: str | None = Field(description="Why the last scan found the folder offline, if it did.")
     images: int = Field(description="Images whose original lies in this library.")
     files: int = Field(description="Image files in it (the same bytes twice are two files, one image).")
+    scan_job: str | None = Field(
+        default=None, description="When it was just added: the id of its first scan (GET /jobs/{id})."
+    )
 
 
 class LibrariesPublic(BaseModel):

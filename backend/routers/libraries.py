@@ -28,7 +28,7 @@ _NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No library wi
     status_code=status.HTTP_201_CREATED,
     summary="Index a folder in place (its first scan is queued)",
     responses={
-        400: {"model": ErrorBody, "description": "A relative path, `..`, or not a folder"},
+        400: {"model": ErrorBody, "description": "A body that is not JSON, a relative path, `..`, or not a folder"},
         403: {"model": ErrorBody, "description": "Outside IMPORT_ROOTS (or none set), or the service's storage"},
         404: {"model": ErrorBody, "description": "The folder does not exist"},
         409: {"model": ErrorBody, "description": "The folder, one inside or around it, or the name is a library"},
@@ -57,7 +57,11 @@ async def get_library(ctx: ContextDep, library_id: LibraryId) -> LibraryPublic:
     "/{library_id}",
     response_model=LibraryPublic,
     summary="Rename a library, or start or stop watching it",
-    responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "Another library has this name"}},
+    responses={
+        **_NOT_FOUND,
+        400: {"model": ErrorBody, "description": "A body that is not JSON, or a name of only spaces"},
+        409: {"model": ErrorBody, "description": "Another library has this name"},
+    },
 )
 async def update_library(ctx: ContextDep, library_id: LibraryId, body: LibraryUpdate) -> LibraryPublic:
     return await libraries.update_library(ctx, library_id, body)

@@ -125,9 +125,9 @@ async def create_library(ctx: AppContext, body: LibraryCreate, *, roots: list[Pa
             raise LibraryExists(f"{body.path} or the name {name!r} was registered meanwhile") from exc
         await session.refresh(library)
         public = (await _public(session, [library]))[0]
-    await start_scan(ctx, public.id)
+    job = await start_scan(ctx, public.id)
     ctx.libraries_changed.set()
-    return public
+    return public.model_copy(update={"scan_job": job.id})
 
 
 async def list_libraries(ctx: AppContext) -> LibrariesPublic:
@@ -237,6 +237,8 @@ async def scan_library(ctx: AppContext, library_id: int, handle: JobHandle) -> d
             update(Library).where(col(Library.id) == library_id).values(scanned_at=utcnow(), last_error=None)
         )
         await session.commit()
+    if pending:
+        _scan_again(ctx, library_id, settings.library_settle_seconds + 0.5)
     return {
         "online": True,
         "files": len(listing),
@@ -247,6 +249,23 @@ async def scan_library(ctx: AppContext, library_id: int, handle: JobHandle) -> d
         "failed": failures.count,
         "failures": failures.listed,
     }
+
+
+# Follow-up scans waiting for files that were still being written (kept so they are not garbage-collected).
+_follow_ups: set[asyncio.Task[None]] = set()
+
+
+def _scan_again(ctx: AppContext, library_id: int, delay: float) -> None:
+    """Scan the library once more after `delay`: it had files too fresh to read (still being written)."""
+
+    async def later() -> None:
+        await asyncio.sleep(delay)
+        with contextlib.suppress(DomainError):  # deleted meanwhile, or the service is stopping
+            await start_scan(ctx, library_id)
+
+    task = asyncio.create_task(later(), name=f"library-{library_id}-settle")
+    _follow_ups.add(task)
+    task.add_done_callback(_follow_ups.discard)
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
