@@ -37,10 +37,11 @@ class Server:
 
 @pytest.fixture
 def server(
-    request: pytest.FixtureRequest, tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_clip_dir: Path, tiny_blip_dir: Path, database_url: str
 ) -> Iterator[Server]:
     """A fresh service over empty storage, started as `run.sh` starts it, answering once CLIP is loaded.
-    `@pytest.mark.server_env(NAME="value")` adds settings."""
+    `@pytest.mark.server_env(NAME="value")` adds settings; parametrizing `database_url` with BACKENDS runs
+    it on PostgreSQL too."""
     import_root = tmp_path / "imports"
     import_root.mkdir()
     storage = tmp_path / "storage"
@@ -50,6 +51,8 @@ def server(
         "IMPORT_ROOTS": str(import_root),
         "EXECUTOR_WORKERS": "2",
     }
+    if database_url:
+        settings["DATABASE_URL"] = database_url
     marker = request.node.get_closest_marker("server_env")
     if marker is not None:
         settings.update(marker.kwargs)

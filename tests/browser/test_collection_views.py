@@ -12,9 +12,11 @@ import httpx
 import pytest
 
 from tests.browser.conftest import Server, screenshot
+from tests.conftest import BACKENDS
 from tests.helpers import exif_photo
 
-pytestmark = pytest.mark.browser
+# The views of where and when run on both database backends.
+pytestmark = [pytest.mark.browser, pytest.mark.parametrize("database_url", BACKENDS, indirect=True)]
 
 # name: (seed, taken, gps, model)
 PHOTOS: dict[str, tuple[int, str | None, tuple[float, float, float] | None, str | None]] = {
