@@ -129,6 +129,27 @@ async def test_scans_follow_additions_changes_renames_and_deletions(app: httpx.A
     assert changed.content == make_image_bytes(5)
 
 
+async def test_what_changed_while_the_service_was_stopped_is_found_at_the_next_start(
+    run_app: AppRunner, photos: Path
+) -> None:
+    settings = {"import_roots": [photos.parent], "library_settle_seconds": 0}
+    async with run_app(**settings, library_watch=False) as client:
+        library = await add_library(client, photos)
+        before = await images_of(client, library["id"])
+    (photos / "phone" / "IMG_0001.jpg").unlink()
+    (photos / "phone" / "while-down.jpg").write_bytes(make_image_bytes(31))
+    async with run_app(**settings) as client:  # watching on: every library is scanned at startup
+        deadline = time.monotonic() + 20
+        while set(images := await images_of(client, library["id"])) != {
+            "2021/summer/beach.jpg",
+            "2021/summer/dunes.png",
+            "phone/while-down.jpg",
+        }:
+            assert time.monotonic() < deadline, f"the startup scan did not catch up: {sorted(images)}"
+            await asyncio.sleep(0.2)
+        assert images["2021/summer/beach.jpg"]["id"] == before["2021/summer/beach.jpg"]["id"]
+
+
 async def test_a_file_still_being_written_is_read_once_it_settles(run_app: AppRunner, photos: Path) -> None:
     async with run_app(import_roots=[photos.parent], library_watch=False, library_settle_seconds=1) as client:
         library = await add_library(client, photos)
