@@ -242,7 +242,13 @@ def _serve(found: StoredFile) -> FileResponse:
         media_type=found.media_type,
         filename=found.filename,
         content_disposition_type="inline",
-        headers={"ETag": f'"{found.etag}"', "Cache-Control": "private, max-age=31536000, immutable"},
+        # A stored file never changes; a library's original may, in its folder: revalidated every time.
+        headers={
+            "ETag": f'"{found.etag}"',
+            "Cache-Control": "private, no-cache"
+            if found.opened is not None
+            else "private, max-age=31536000, immutable",
+        },
     )
 
 
