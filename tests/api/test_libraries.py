@@ -151,13 +151,13 @@ async def test_what_changed_while_the_service_was_stopped_is_found_at_the_next_s
 
 
 async def test_a_file_still_being_written_is_read_once_it_settles(run_app: AppRunner, photos: Path) -> None:
-    async with run_app(import_roots=[photos.parent], library_watch=False, library_settle_seconds=1) as client:
+    async with run_app(import_roots=[photos.parent], library_watch=False, library_settle_seconds=5) as client:
         library = await add_library(client, photos)
         (photos / "phone" / "fresh.jpg").write_bytes(make_image_bytes(21))  # just written: may still grow
         result = await scan(client, library["id"])
         assert (result["pending"], result["added"]) == (1, 0)
         assert "phone/fresh.jpg" not in await images_of(client, library["id"])
-        deadline = time.monotonic() + 15  # no watcher here: the scan itself comes back for it
+        deadline = time.monotonic() + 30  # no watcher here: the scan itself comes back for it
         while "phone/fresh.jpg" not in await images_of(client, library["id"]):
             assert time.monotonic() < deadline, "the settled file was never read"
             await asyncio.sleep(0.2)
