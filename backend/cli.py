@@ -92,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     check = with_collection(commands.add_parser("check", help="compare the database, the files and the index"))
     check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
 
+    dups = commands.add_parser("duplicates", help="find duplicates, list their groups, keep the best copies")
+    dup_commands = dups.add_subparsers(dest="duplicates_command", required=True, metavar="SUBCOMMAND")
+    with_collection(dup_commands.add_parser("scan", help="look for duplicates in the whole collection"))
+    listing = with_collection(dup_commands.add_parser("list", help="the groups, largest first"))
+    listing.add_argument("--tier", choices=["exact", "same_picture", "similar"], help="only this tier")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many groups (default 50)")
+    resolving = with_collection(
+        dup_commands.add_parser("resolve", help="keep each group's suggested keeper; the rest go to the trash")
+    )
+    resolving.add_argument("--tier", choices=["same_picture", "similar"], default="same_picture")
+    resolving.add_argument("--limit", type=int, default=1000, help="at most this many groups (default 1000)")
+    resolving.add_argument("--dry-run", action="store_true", help="only say what would be kept and trashed")
+
     keys = commands.add_parser("keys", help="API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     new_key = key_commands.add_parser("new", help="make a key for a collection and print its API_KEYS entry")
@@ -286,6 +299,43 @@ async def _export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _duplicates(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.models import BulkResolveRequest
+    from backend.services import duplicates
+
+    async with _open(settings, args.collection) as ctx:
+        if args.duplicates_command == "scan":
+            result = await _follow(ctx, (await duplicates.start_scan(ctx)).id, "images")
+            counts = ", ".join(f"{n} {tier}" for tier, n in result["groups"].items())
+            print(f"scanned {result['images']} images ({result['hashed']} hashed now): groups {counts}")
+            return 0
+        if args.duplicates_command == "list":
+            if not 1 <= args.limit <= 200:
+                raise CommandError("--limit must be between 1 and 200", status=2)
+            listed = await duplicates.list_groups(ctx, tier=args.tier, limit=args.limit)
+            for group in listed.data:
+                print(f"{group.id}\t{group.size} images\tkeep {group.keeper_id}: {group.keeper_reason}")
+                for member in group.members:
+                    mark = "*" if member.keeper else " "
+                    image = member.image
+                    where = image.path or image.filename
+                    print(f"  {mark} {image.id}\t{image.width}x{image.height}\t{image.size_bytes} bytes\t{where}")
+            print(
+                f"{listed.count} groups"
+                + (f" (first {len(listed.data)} shown)" if listed.count > len(listed.data) else "")
+            )
+            return 0
+        if not 1 <= args.limit <= 10_000:
+            raise CommandError("--limit must be between 1 and 10000", status=2)
+        request = BulkResolveRequest(tier=args.tier, dry_run=args.dry_run, limit=args.limit)
+        outcome = await duplicates.resolve_many(ctx, request)
+    verb = "would move" if outcome.dry_run else "moved"
+    for resolved in outcome.groups:
+        print(f"{resolved.group_id}: keep {resolved.kept} ({resolved.reason}); {verb} {resolved.trashed} to the trash")
+    print(f"{verb} {outcome.trashed} images to the trash from {len(outcome.groups)} groups")
+    return 0
+
+
 async def _check(settings: Settings, args: argparse.Namespace) -> int:
     from backend.services.maintenance import check_collection
 
@@ -296,7 +346,14 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
-_COMMANDS = {"import": _import, "library": _library, "reindex": _reindex, "export": _export, "check": _check}
+_COMMANDS = {
+    "import": _import,
+    "library": _library,
+    "reindex": _reindex,
+    "export": _export,
+    "check": _check,
+    "duplicates": _duplicates,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

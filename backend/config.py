@@ -119,6 +119,18 @@ class Settings(BaseSettings):
     library_rescan_interval: float = Field(default=3600.0, ge=5, le=30 * 86_400)
     library_settle_seconds: float = Field(default=2.0, ge=0, le=3600)
     library_watch_polling: bool = False
+    # Duplicates (GET /duplicates). `same_picture`: the same picture re-encoded, resized, converted or slightly
+    # cropped, when the perceptual hashes differ in at most DUPLICATES_HASH_DISTANCE of 64 bits AND the CLIP
+    # cosine is at least DUPLICATES_SAME_COSINE (neither decides alone). `similar`: near-identical shots
+    # (bursts) from DUPLICATES_SIMILAR_COSINE on, and when DUPLICATES_SIMILAR_WINDOW > 0 (seconds) only for
+    # shots taken that close together. Each image is compared with its DUPLICATES_NEIGHBOURS nearest ones.
+    duplicates_hash_distance: int = Field(default=16, ge=0, le=64)
+    duplicates_same_cosine: float = Field(default=0.90, ge=-1.0, le=1.0)
+    duplicates_similar_cosine: float = Field(default=0.88, ge=-1.0, le=1.01)
+    duplicates_similar_window: float = Field(default=0.0, ge=0.0, le=365 * 86_400)
+    duplicates_neighbours: int = Field(default=20, ge=1, le=200)
+    # Trashed images (DELETE /images/{id}, resolved duplicates) are purged this many days later.
+    trash_days: float = Field(default=30.0, ge=0, le=36_500)
     # Browser origins allowed to call the API (comma-separated, or * for any); empty = same origin only.
     # `null` (pages opened from disk, but also sandboxed frames of any site) needs API_KEYS.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -201,6 +201,27 @@ class NothingToDo(InvalidParameter):
     code = "nothing_to_do"
 
 
+# Duplicates and the trash.
+class NotInTrash(Conflict):
+    code = "not_in_trash"
+
+
+class InTrash(Conflict):
+    """The image is in the trash: restore it first."""
+
+    code = "in_trash"
+
+
+class GroupNotFound(NotFound):
+    """No duplicates group has this id now (resolved, or changed by a scan)."""
+
+    code = "group_not_found"
+
+
+class InvalidResolve(InvalidInput):
+    code = "invalid_resolve"
+
+
 # Folder import paths: refused (403), malformed (400) or not there (404).
 class ImportPathRefused(Forbidden):
     code = "import_path_refused"

@@ -22,7 +22,21 @@ from backend.middleware import (
     SiteGuardMiddleware,
 )
 from backend.models import ErrorBody, Responses
-from backend.routers import clusters, health, images, jobs, libraries, maps, page, reindex, search, tags, timeline
+from backend.routers import (
+    clusters,
+    duplicates,
+    health,
+    images,
+    jobs,
+    libraries,
+    maps,
+    page,
+    reindex,
+    search,
+    tags,
+    timeline,
+    trash,
+)
 
 log = logging.getLogger("backend")
 
@@ -89,6 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     unauthorized: Responses = {
         401: {"model": ErrorBody, "description": "API keys are required and no valid X-API-Key was sent"}
     }
-    for router in (images, search, timeline, libraries, clusters, jobs, reindex, tags, maps):
+    for router in (images, search, timeline, libraries, clusters, jobs, reindex, tags, maps, duplicates, trash):
         app.include_router(router.router, dependencies=protected, responses=unauthorized)
     return app

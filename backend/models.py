@@ -52,6 +52,17 @@ class ImageBase(SQLModel):
     offline: bool = Field(
         default=False, description="Its library's folder cannot be reached (an unmounted disk): no original for now."
     )
+    phash: str | None = Field(
+        default=None,
+        max_length=16,
+        description="Perceptual hash (pHash, 64 bits as hex) of the picture: what finds re-encoded and resized copies.",
+    )
+    trashed_at: datetime | None = Field(
+        default=None,
+        index=True,
+        sa_type=UtcDateTime,
+        description="When it went to the trash (UTC); null while it is in the collection.",
+    )
 
 
 class Image(ImageBase, table=True):
@@ -95,6 +106,38 @@ class LibraryFile(SQLModel, table=True):
     image_id: int = Field(foreign_key="image.id", ondelete="CASCADE", index=True)
 
 
+class DismissedFile(SQLModel, table=True):
+    """Bytes of a library that were purged from the trash: a scan does not index them again (the file itself
+    stays where it is; the service never deletes a library's files)."""
+
+    __tablename__ = "library_dismissed"
+    library_id: int = Field(foreign_key="library.id", ondelete="CASCADE", primary_key=True)
+    sha256: str = Field(primary_key=True, max_length=64)
+
+
+class DuplicatePair(SQLModel, table=True):
+    """Two images close enough to be looked at together: found by the duplicates scan, which of the tiers
+    they fall in is decided when read (the thresholds are settings)."""
+
+    __tablename__ = "duplicate_pair"
+    image_a: int = Field(foreign_key="image.id", ondelete="CASCADE", primary_key=True)  # the smaller id
+    image_b: int = Field(foreign_key="image.id", ondelete="CASCADE", primary_key=True, index=True)
+    cosine: float
+    hash_distance: int | None = None
+
+
+class DuplicateDecision(SQLModel, table=True):
+    """`keep_all`: these images are not duplicates. A group of the tier whose members all lie in one
+    decision stays hidden; a new member brings it back."""
+
+    __tablename__ = "duplicate_decision"
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    tier: str = Field(max_length=20)
+    image_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
 class ImageTag(SQLModel, table=True):
     """Zero-shot tags: the vocabulary entries whose CLIP text vector fits the image best."""
 
@@ -105,7 +148,7 @@ class ImageTag(SQLModel, table=True):
 
 
 MAX_CLUSTERS = 1000
-JobKind = Literal["cluster", "import", "reindex", "caption", "metadata", "scan"]
+JobKind = Literal["cluster", "import", "reindex", "caption", "metadata", "scan", "duplicates"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -503,3 +546,94 @@ class LibraryPublic(BaseModel):
 class LibrariesPublic(BaseModel):
     data: list[LibraryPublic]
     count: int
+
+
+DuplicateTier = Literal["exact", "same_picture", "similar"]
+
+
+class DuplicateCopy(BaseModel):
+    library_id: int | None = Field(description="The library that holds this copy; null for the stored upload.")
+    path: str | None = Field(description="Where it lies in the library (relative); null for the stored upload.")
+
+
+class DuplicateMember(BaseModel):
+    image: ImagePublic
+    keeper: bool = Field(description="The copy suggested to keep.")
+    copies: list[DuplicateCopy] = Field(
+        default_factory=list, description="Tier exact: every place these bytes lie (they are one image)."
+    )
+
+
+class DuplicateScore(BaseModel):
+    a: int
+    b: int
+    cosine: float = Field(description="Cosine of the CLIP vectors.")
+    hash_distance: int | None = Field(description="Bits (of 64) in which the perceptual hashes differ.")
+    tier: Literal["same_picture", "similar"]
+
+
+class DuplicateGroup(BaseModel):
+    id: str = Field(description="tier-smallest id: what POST /duplicates/{group_id}/resolve takes.")
+    tier: DuplicateTier
+    size: int
+    evidence: str = Field(description="Why these images are grouped, in words.")
+    keeper_id: int
+    keeper_reason: str = Field(description="Why that one is suggested, in words.")
+    members: list[DuplicateMember] = Field(description="The keeper first.")
+    pairs: list[DuplicateScore] = Field(description="The scores of the pairs that tie the group together.")
+
+
+class DuplicatesPublic(BaseModel):
+    data: list[DuplicateGroup] = Field(description="Largest group first.")
+    count: int = Field(description="Groups of the tier(s) asked for, on every page.")
+    offset: int
+    limit: int
+
+
+class ResolveRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    keep: list[int] | None = Field(
+        default=None, min_length=1, max_length=1000, description="The members to keep; the others go to the trash."
+    )
+    keep_all: bool = Field(default=False, description="They are not duplicates: keep them all, and remember it.")
+
+
+class ResolveOutcome(BaseModel):
+    group_id: str
+    tier: DuplicateTier
+    kept: list[int]
+    trashed: list[int] = Field(description="Moved to the trash (GET /trash; POST /trash/{id}/restore undoes it).")
+    reason: str | None = Field(default=None, description="Bulk: why the kept one was chosen.")
+    remembered: bool = Field(description="keep_all: the decision is stored and survives rescans.")
+
+
+class BulkResolveRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    tier: Literal["same_picture", "similar"] = Field(
+        default="same_picture", description="Which groups: exact copies are one image and have nothing to trash."
+    )
+    dry_run: bool = Field(default=False, description="Only say what would be kept and trashed.")
+    limit: int = Field(default=1000, ge=1, le=10_000, description="At most this many groups, largest first.")
+
+
+class BulkResolveOutcome(BaseModel):
+    dry_run: bool
+    groups: list[ResolveOutcome]
+    trashed: int = Field(description="Images moved to the trash (or that would be, with dry_run).")
+
+
+class TrashedImage(ImagePublic):
+    purge_at: datetime | None = Field(description="When it is deleted for good (TRASH_DAYS); null: never.")
+
+
+class TrashPublic(BaseModel):
+    data: list[TrashedImage] = Field(description="Most recently trashed first.")
+    count: int
+    offset: int
+    limit: int
+
+
+class TrashEmptied(BaseModel):
+    purged: int = Field(description="Images deleted for good.")

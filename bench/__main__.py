@@ -1,4 +1,4 @@
-"""`python -m bench all|ingest|search|cluster|health|startup|vectors [--quick]`: figures against targets.
+"""`python -m bench all|ingest|search|cluster|health|startup|vectors|duplicates [--quick]`: figures against targets.
 
 Exit status: 0 when every figure with a target meets it, 1 when one misses it (FAIL), 2 for bad usage.
 """
@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import clustering, data, ingest, search
+from bench import clustering, data, duplicates, ingest, search
 from bench import vectors as vector_indexes
 from bench.models import full_blip, full_clip, tiny_blip, tiny_clip
 from bench.report import Report
 from ml.index import IndexLayout
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ["ingest", "search", "cluster", "health", "startup", "vectors"]
+SCENARIOS = ["ingest", "search", "cluster", "health", "startup", "vectors", "duplicates"]
 
 
 def main() -> None:
@@ -44,6 +44,9 @@ def main() -> None:
         vectors = data.clustered_vectors(2_000 if quick else 100_000)
         blip = tiny_blip() if quick else full_blip()
         clustering.run(report, vectors=vectors, blip=blip, photos=photos, k=20)
+    if "duplicates" in chosen:
+        print("[duplicates]", flush=True)
+        duplicates.run(report, clip=clip, quick=quick)
     if "vectors" in chosen:
         print("[vectors]", flush=True)
         vector_indexes.run(report, sizes=sizes, samples=min(samples, 200))

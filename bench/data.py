@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from bench.models import CACHE
 
@@ -39,6 +39,51 @@ def photo_bytes(seed: int, size: tuple[int, int] = PHOTO_SIZE, quality: int = 92
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, exif=exif)
     return buffer.getvalue()
+
+
+def scene_bytes(seed: int, size: tuple[int, int] = (1000, 750), fmt: str = "PNG") -> bytes:
+    """A picture with clear structure (overlapping shapes on a background, softened, with sensor noise), in
+    `fmt`: what the duplicates tiers are measured on. PNG by default, so it is the largest of its variants."""
+    rng = np.random.default_rng(20_000 + seed)
+    width, height = size
+    image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(width // 25, width // 2)), y0 + int(rng.integers(height // 15, height // 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+    softened = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.int16)
+    noisy = (softened + rng.integers(-12, 13, softened.shape)).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy, "RGB").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def variants(original: bytes) -> dict[str, bytes]:
+    """What a collection makes of one photo: re-encodes at quality 50-95, resizes to 25-75 %, PNG and WebP
+    conversions and 5 % crops (by name). The duplicates tiers are measured and tested on these."""
+    with Image.open(io.BytesIO(original)) as opened:
+        picture = opened.convert("RGB")
+    width, height = picture.size
+
+    def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    out = {f"jpeg q{q}": encoded(picture, "JPEG", quality=q) for q in (50, 75, 95)}
+    for percent in (25, 50, 75):
+        smaller = picture.resize((width * percent // 100, height * percent // 100), Image.Resampling.LANCZOS)
+        out[f"resize {percent}%"] = encoded(smaller, "JPEG", quality=85)
+    half = picture.resize((width // 2, height // 2), Image.Resampling.LANCZOS)
+    out["png 50%"] = encoded(half, "PNG")
+    out["webp"] = encoded(picture, "WEBP", quality=80)
+    # 5 % of each dimension cut away: from one corner, and evenly around the picture.
+    dx, dy = width // 20, height // 20
+    out["crop 5% corner"] = encoded(picture.crop((dx, dy, width, height)), "JPEG", quality=90)
+    out["crop 5% centred"] = encoded(picture.crop((dx // 2, dy // 2, width - dx // 2, height - dy // 2)), "JPEG")
+    return out
 
 
 def small_bytes(seed: int, fmt: str) -> bytes:

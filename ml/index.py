@@ -216,6 +216,24 @@ class VectorIndex:
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
 
+    def range_search(self, queries: np.ndarray, threshold: float, cap: int) -> list[list[tuple[int, float]]]:
+        """For each query, the (id, score) pairs scoring at least `threshold`, best first, at most `cap` of
+        them: FAISS's range search, whose cost does not grow with the pairs below the threshold."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        with self._lock.read():
+            if self._index is None or self._index.ntotal == 0:
+                return [[] for _ in range(len(queries))]
+            if queries.shape[1] != self._index.d:
+                raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self._index.d}")
+            # The range is exclusive in FAISS (score > radius); a hair below keeps a pair at the threshold.
+            lims, scores, ids = self._index.range_search(queries, float(threshold) - 1e-6)
+        found: list[list[tuple[int, float]]] = []
+        for q in range(len(queries)):
+            row_scores, row_ids = scores[lims[q] : lims[q + 1]], ids[lims[q] : lims[q + 1]]
+            best = np.argsort(-row_scores, kind="stable")[:cap]
+            found.append([(int(row_ids[j]), float(min(1.0, max(-1.0, row_scores[j])))) for j in best])
+        return found
+
     def reset(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the whole content at once (used by rebuilds), in the layout its size calls for."""
         with self._rebuilding:

@@ -24,7 +24,7 @@ from backend.models import (
 )
 from backend.multipart import multipart_body, receive_uploads
 from backend.routers.params import FilterDep, NarrowingDep
-from backend.services import captions, catalog, importer, metadata, search, uploads
+from backend.services import captions, catalog, importer, metadata, search, trash, uploads
 from backend.services.catalog import StoredFile
 from backend.services.filters import ImageSort
 from backend.services.jobs import job_public
@@ -256,12 +256,22 @@ def _serve(found: StoredFile) -> FileResponse:
     "/{image_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    summary="Delete an image",
+    summary="Move an image to the trash (or delete it at once)",
     responses=_NOT_FOUND,
 )
-async def delete_image(ctx: ContextDep, image_id: ImageId) -> Response:
-    """Removes the record, its vector from the index, and its files."""
-    await catalog.delete_image(ctx, image_id)
+async def delete_image(
+    ctx: ContextDep,
+    image_id: ImageId,
+    purge: Annotated[bool, Query(description="Delete at once, not into the trash: no undo.")] = False,
+) -> Response:
+    """Moves the image to the trash: out of listings, searches, clusters, maps and exports, with its files
+    and vector kept for TRASH_DAYS (`POST /trash/{id}/restore` undoes it). `purge=true` removes the
+    record, its vector and the files the service stored at once. A library's original file is never
+    deleted: only the record goes, and scans of that library leave the file out from then on."""
+    if purge:
+        await trash.purge_image(ctx, image_id)
+    else:
+        await trash.trash_image(ctx, image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -1,6 +1,6 @@
 """Reading and deleting stored images, and the records the API answers with.
 
-The service functions (`list_images`, `list_tags`, `get_image`, `stored_file`, `delete_image`) take the
+The service functions (`list_images`, `list_tags`, `get_image`, `stored_file`) take the
 collection and open their own sessions. The helpers that take a `session` run inside the caller's
 transaction; other services build on them.
 """
@@ -28,7 +28,7 @@ from backend.models import (
     TagScore,
     TagsPublic,
 )
-from backend.services.filters import ImageFilter, ImageSort, image_order
+from backend.services.filters import ImageFilter, ImageSort, image_order, in_collection
 from backend.services.index import stored_vector
 from backend.services.library_files import descriptor_path, open_in_library
 from backend.services.originals import library_roots
@@ -74,10 +74,12 @@ async def load_image(session: AsyncSession, image_id: int) -> Image:
     return image
 
 
-async def get_images_by_ids(session: AsyncSession, ids: list[int]) -> dict[int, Image]:
+async def get_images_by_ids(session: AsyncSession, ids: list[int], *, trashed: bool = False) -> dict[int, Image]:
+    """The rows of these ids that exist (and are outside the trash, unless `trashed`)."""
     if not ids:
         return {}
-    rows = (await session.exec(select(Image).where(col(Image.id).in_(ids)))).all()
+    query = select(Image).where(col(Image.id).in_(ids))
+    rows = (await session.exec(query if trashed else query.where(in_collection()))).all()
     return {row.id: row for row in rows if row.id is not None}
 
 
@@ -86,7 +88,7 @@ async def count_images(session: AsyncSession, *, model_name: str, indexed: int) 
     index's `indexed` entries (kept in step with SQLite), so only the others are counted: two range
     searches of the model index, whose cost grows with the stale images, not with the collection."""
     other_model = or_(col(Image.embedding_model) < model_name, col(Image.embedding_model) > model_name)
-    stale = (await session.exec(select(func.count()).select_from(Image).where(other_model))).one()
+    stale = (await session.exec(select(func.count()).select_from(Image).where(other_model, in_collection()))).one()
     return indexed + stale, stale
 
 
@@ -101,14 +103,13 @@ async def list_images(
     """A page in `sort` order (newest upload first by default) with the count of the images the filter keeps."""
     image_filter = canonical_filter(ctx, image_filter or ImageFilter())
     async with ctx.sessions() as session:
-        query = select(Image)
         where = image_filter.where()
-        if where is None:
+        query = select(Image).where(where)
+        if not image_filter.active:
             count, _ = await count_images(
                 session, model_name=ctx.settings.embedding_model, indexed=await ctx.index.size()
             )
         else:
-            query = query.where(where)
             count = (await session.exec(select(func.count()).select_from(Image).where(where))).one()
         rows = (await session.exec(query.order_by(*image_order(sort)).offset(offset).limit(limit))).all()
         return ImagesPublic(data=await publish(session, list(rows)), count=count, offset=offset, limit=limit)
@@ -188,23 +189,12 @@ async def stored_file(ctx: AppContext, image_id: int, which: Literal["original",
     return found
 
 
-async def delete_image(ctx: AppContext, image_id: int) -> None:
-    """Remove the row, then the vector, then the files: a crash in between leaves only unreferenced files.
-
-    Its tags and cluster memberships go with the row (ON DELETE CASCADE). The original of a library image
-    stays in its folder: only the record, its vector and its thumbnail go.
-    """
-    async with ctx.write_lock, ctx.sessions() as session:
-        image = await load_image(session, image_id)
-        await forget_images(ctx, session, [image])
-
-
 async def forget_images(ctx: AppContext, session: AsyncSession, images: list[Image]) -> None:
     """Delete these rows and commit, then their vectors and the files the service stored for them. Called
     under the write lock."""
     keys: list[str] = []
     for image in images:
-        keys += [image.thumbnail_key] if image.library_id is not None else [image.storage_key, image.thumbnail_key]
+        keys += [image.storage_key, image.thumbnail_key]  # a library image has no storage key: its original stays
         await session.delete(image)
     await session.commit()
     ids = np.array([image.id for image in images if image.id is not None], dtype=np.int64)

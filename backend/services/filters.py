@@ -46,9 +46,9 @@ class ImageFilter:
         return any(value is not None for value in vars(self).values())
 
     def conditions(self) -> list[ColumnElement[bool]]:
-        """The WHERE conditions on `image` this filter stands for (none when it is empty)."""
+        """The WHERE conditions on `image` this filter stands for: at least that it is not in the trash."""
         taken_at = col(Image.taken_at)
-        found: list[ColumnElement[bool]] = []
+        found: list[ColumnElement[bool]] = [in_collection()]
         if self.taken_after is not None:
             found.append(taken_at >= _local(self.taken_after))
         if self.taken_before is not None:
@@ -76,9 +76,13 @@ class ImageFilter:
             found.append(col(Image.id).in_(select(ImageTag.image_id).where(ImageTag.tag == self.tag)))
         return found
 
-    def where(self) -> ColumnElement[bool] | None:
-        conditions = self.conditions()
-        return and_(*conditions) if conditions else None
+    def where(self) -> ColumnElement[bool]:
+        return and_(*self.conditions())
+
+
+def in_collection() -> ColumnElement[bool]:
+    """Not in the trash: what every listing, search, cluster, map and export holds to."""
+    return col(Image.trashed_at).is_(None)
 
 
 def image_order(sort: ImageSort) -> list[Any]:

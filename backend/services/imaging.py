@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagehash
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -288,6 +289,20 @@ def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
     buffer = io.BytesIO()
     thumb.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+def perceptual_hash(rgb: Image.Image) -> str:
+    """pHash of the picture: 64 bits (16 hex digits) from the low frequencies of its 32x32 grey DCT, which
+    re-encoding, resizing and format changes barely move (imagehash's reference implementation)."""
+    return str(imagehash.phash(rgb))
+
+
+def thumbnail_hash(thumbnail: Path | bytes) -> str:
+    """The pHash of a thumbnail (a stored file, or the JPEG bytes ingest just made). Every image is hashed
+    from its thumbnail, at ingest and when the duplicates scan fills in older images, so that the hashes of
+    all images are made the same way, from a small picture that decodes fast."""
+    with Image.open(io.BytesIO(thumbnail) if isinstance(thumbnail, bytes) else thumbnail) as thumb:
+        return perceptual_hash(thumb.convert("RGB"))
 
 
 def _short(exc: BaseException) -> str:

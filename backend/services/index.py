@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
 from backend.models import Image, IndexHealth
+from backend.services.filters import in_collection
 from ml.index import IndexLayout, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ class IndexService:
         """The ids of the rows the current model embedded, sorted: what the index must hold."""
         async with sessions() as session:
             connection = await session.connection()
-            result = await connection.execute(select(Image.id).where(Image.embedding_model == self.model_name))
+            result = await connection.execute(
+                select(Image.id).where(Image.embedding_model == self.model_name, in_collection())
+            )
             db_ids = np.fromiter((row[0] for row in result), dtype=np.int64)
         db_ids.sort()
         return db_ids
@@ -137,7 +140,11 @@ class IndexService:
                 rows = (
                     await session.exec(
                         select(Image.id, Image.embedding, Image.embedding_dim)
-                        .where(Image.embedding_model == self.model_name, col(Image.id) > last_id)
+                        .where(
+                            Image.embedding_model == self.model_name,
+                            in_collection(),
+                            col(Image.id) > last_id,
+                        )
                         .order_by(col(Image.id))
                         .limit(REBUILD_CHUNK)
                     )
@@ -179,6 +186,10 @@ class IndexService:
     ) -> list[list[tuple[int, float]]]:
         """Per query, up to k (id, cosine) pairs, best first; only `allowed` ids when given."""
         return await self._executor.run_query(self._index.search, queries, k, allowed)
+
+    async def range_search(self, queries: np.ndarray, threshold: float, cap: int) -> list[list[tuple[int, float]]]:
+        """Per query, the (id, cosine) pairs at or above `threshold`, best first, at most `cap`."""
+        return await self._executor.run(self._index.range_search, queries, threshold, cap)
 
     @property
     def count(self) -> int:

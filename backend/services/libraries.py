@@ -38,6 +38,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from backend.context import AppContext
 from backend.errors import DomainError, LibraryExists, LibraryNotFound
 from backend.models import (
+    DismissedFile,
     Image,
     Job,
     LibrariesPublic,
@@ -310,6 +311,17 @@ async def _read_batch(
             existing = dict(
                 (await session.exec(select(Image.sha256, Image.id).where(col(Image.sha256).in_(hashes)))).all()
             )
+            # Bytes purged from the trash stay out of this library's catalog: the file is left where it is.
+            dismissed = set(
+                (
+                    await session.exec(
+                        select(DismissedFile.sha256).where(
+                            DismissedFile.library_id == library_id, col(DismissedFile.sha256).in_(hashes)
+                        )
+                    )
+                ).all()
+            )
+        hashed = {path: item for path, item in hashed.items() if item.sha256 not in dismissed}
         incoming = [
             IncomingFile(
                 filename=PurePosixPath(path).name,

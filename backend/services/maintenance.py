@@ -30,6 +30,7 @@ from backend.services.imaging import decode_image, make_thumbnail
 from backend.services.index import stored_vector
 from backend.services.reindex import reembed_images
 from backend.services.storage import FileStore
+from backend.services.trash import purge_in_background
 
 log = logging.getLogger(__name__)
 _SHA_NAME = re.compile(r"^([0-9a-f]{64})(?:\.[A-Za-z0-9]+)?$")
@@ -79,10 +80,12 @@ async def sweep_orphan_files(ctx: AppContext) -> int:
 
 
 async def sweep_in_background(ctx: AppContext) -> None:
+    """Sweep unreferenced files once, then purge the expired trash every hour (until cancelled)."""
     try:
         await sweep_orphan_files(ctx)
     except Exception:  # housekeeping must never take the service down
         log.exception("sweeping unreferenced files failed")
+    await purge_in_background(ctx)
 
 
 @dataclass

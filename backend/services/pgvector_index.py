@@ -19,13 +19,14 @@ import hashlib
 import logging
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import and_, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
 from backend.models import Image, IndexHealth
+from backend.services.filters import in_collection
 from backend.services.index import blob_to_vector
 
 log = logging.getLogger(__name__)
@@ -149,21 +150,28 @@ class PgVectorIndex:
                 order = f"({distance}) + 0"  # not the index's expression: an exact ranking of the few
         statement = text(
             f"SELECT id, {distance} AS distance FROM image WHERE embedding_model = {self._model} "
-            f"AND embedding_dim = {dim} {condition}ORDER BY {order} LIMIT :k"
+            f"AND embedding_dim = {dim} AND trashed_at IS NULL {condition}ORDER BY {order} LIMIT :k"
         )
         results: list[list[tuple[int, float]]] = []
         async with self._engine.connect() as connection, connection.begin():
             await connection.execute(text(f"SET LOCAL hnsw.ef_search = {max(self._ef_search, min(k, 1000))}"))
-            if allowed is not None:
-                await connection.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-                await connection.execute(text(f"SET LOCAL hnsw.max_scan_tuples = {MAX_SCAN_TUPLES}"))
+            # Always: trashed images are filtered out after the index scan, which must then keep going.
+            await connection.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+            await connection.execute(text(f"SET LOCAL hnsw.max_scan_tuples = {MAX_SCAN_TUPLES}"))
             for query in queries:
                 rows = (await connection.execute(statement, {**parameters, "q": query.astype("<f4").tobytes()})).all()
                 results.append([(int(row[0]), float(1.0 - row[1])) for row in rows])
         return results
 
+    async def range_search(self, queries: np.ndarray, threshold: float, cap: int) -> list[list[tuple[int, float]]]:
+        """Per query, the (id, cosine) pairs at or above `threshold`, best first, at most `cap`: the HNSW
+        index's nearest `cap`, cut at the threshold."""
+        return [
+            [(i, score) for i, score in row if score >= threshold - 1e-6] for row in await self.search(queries, cap)
+        ]
+
     def _current(self) -> object:
-        return col(Image.embedding_model) == self.model_name
+        return and_(col(Image.embedding_model) == self.model_name, in_collection())
 
     async def size(self) -> int:
         """Vectors of the current model: its images."""

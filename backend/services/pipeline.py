@@ -20,7 +20,14 @@ from PIL import Image
 
 from backend.errors import DomainError
 from backend.executor import Executor
-from backend.services.imaging import DECODE_MIN_SIDE, MAX_DECODE_BYTES, ImageInfo, decode_image, make_thumbnail
+from backend.services.imaging import (
+    DECODE_MIN_SIDE,
+    MAX_DECODE_BYTES,
+    ImageInfo,
+    decode_image,
+    make_thumbnail,
+    thumbnail_hash,
+)
 from ml.embedder import ClipEmbedder
 
 # A model's preprocessing: RGB images -> (n, 3, H, W) pixel tensor (CLIP's or BLIP's `preprocess`).
@@ -34,6 +41,7 @@ class PreparedImage:
     info: ImageInfo
     thumbnail: bytes
     pixels: torch.Tensor
+    phash: str | None = None  # made with the thumbnail: what ingest stores
 
 
 def prepare_image(
@@ -48,7 +56,8 @@ def prepare_image(
     """Decode, check, thumbnail (when a size is given) and preprocess one file. Synchronous: runs in the executor."""
     decoded = decode_image(path, max_pixels, min_side=min_side, max_bytes=max_bytes)
     thumbnail = make_thumbnail(decoded.rgb, thumbnail_size) if thumbnail_size else b""
-    return PreparedImage(info=decoded.info, thumbnail=thumbnail, pixels=preprocess([decoded.rgb])[0])
+    phash = thumbnail_hash(thumbnail) if thumbnail else None
+    return PreparedImage(info=decoded.info, thumbnail=thumbnail, pixels=preprocess([decoded.rgb])[0], phash=phash)
 
 
 def embed_prepared(embedder: ClipEmbedder, pixels: list[torch.Tensor]) -> np.ndarray:

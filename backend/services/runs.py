@@ -25,6 +25,7 @@ from backend.models import (
 )
 from backend.services.catalog import get_images_by_ids, publish
 from backend.services.clustering import RequestedK, resolve_k, start_run
+from backend.services.filters import in_collection
 from backend.services.originals import original_paths
 
 
@@ -60,7 +61,8 @@ async def get_run(ctx: AppContext, run_id: int) -> ClusterRunPublic:
             (
                 await session.exec(
                     select(ClusterMember.cluster_id, func.count())
-                    .where(ClusterMember.run_id == run_id)
+                    .join(Image, col(Image.id) == ClusterMember.image_id)
+                    .where(ClusterMember.run_id == run_id, in_collection())
                     .group_by(col(ClusterMember.cluster_id))
                 )
             ).all()
@@ -140,13 +142,10 @@ async def get_cluster_images(
         if row is None:
             await load_run(session, run_id)
             raise ClusterNotFound(f"run {run_id} has no cluster {cluster_id}")
-        where = (ClusterMember.run_id == run_id, ClusterMember.cluster_id == cluster_id)
-        size = (await session.exec(select(func.count()).select_from(ClusterMember).where(*where))).one()
-        members = (
-            await session.exec(
-                select(ClusterMember).where(*where).order_by(col(ClusterMember.rank)).offset(offset).limit(limit)
-            )
-        ).all()
+        where = (ClusterMember.run_id == run_id, ClusterMember.cluster_id == cluster_id, in_collection())
+        joined = select(ClusterMember).join(Image, col(Image.id) == ClusterMember.image_id).where(*where)
+        size = (await session.exec(select(func.count()).select_from(joined.subquery()))).one()
+        members = (await session.exec(joined.order_by(col(ClusterMember.rank)).offset(offset).limit(limit))).all()
         images = await get_images_by_ids(session, [m.image_id for m in members])
         public = {p.id: p for p in await publish(session, list(images.values()))}
     return ClusterImages(
@@ -177,7 +176,7 @@ async def member_files(ctx: AppContext, run_id: int) -> list[MemberFile]:
                     (col(ClusterRow.run_id) == ClusterMember.run_id)
                     & (col(ClusterRow.cluster_id) == ClusterMember.cluster_id),
                 )
-                .where(ClusterMember.run_id == run_id)
+                .where(ClusterMember.run_id == run_id, in_collection())
                 .order_by(col(ClusterMember.cluster_id), col(ClusterMember.rank))
             )
         ).all()

@@ -89,10 +89,9 @@ async def search_by_upload(
 
 async def _allowed(ctx: AppContext, image_filter: ImageFilter, exclude: int | None) -> np.ndarray | None:
     """The current model's image ids the filter keeps, or None when it keeps everything."""
-    where = image_filter.where()
-    if where is None:
-        return None
-    query = select(Image.id).where(where, Image.embedding_model == ctx.settings.embedding_model)
+    if not image_filter.active:
+        return None  # the index holds exactly the current model's images outside the trash
+    query = select(Image.id).where(image_filter.where(), Image.embedding_model == ctx.settings.embedding_model)
     if exclude is not None:
         query = query.where(Image.id != exclude)
     async with ctx.sessions() as session:

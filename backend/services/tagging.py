@@ -10,7 +10,8 @@ from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.executor import Executor
-from backend.models import ImageTag, TagCount, TagScore, TagsPublic
+from backend.models import Image, ImageTag, TagCount, TagScore, TagsPublic
+from backend.services.filters import in_collection
 from ml.embedder import ClipEmbedder
 from ml.tagging import DEFAULT_TAGS, TagVocabulary
 
@@ -56,7 +57,16 @@ async def replace_tags(session: AsyncSession, image_id: int, tags: Tags) -> None
 
 async def tag_counts(session: AsyncSession, names: tuple[str, ...]) -> TagsPublic:
     """Every vocabulary tag with how many images carry it, plus tags stored under an earlier vocabulary."""
-    stored = dict((await session.exec(select(ImageTag.tag, func.count()).group_by(col(ImageTag.tag)))).all())
+    stored = dict(
+        (
+            await session.exec(
+                select(ImageTag.tag, func.count())
+                .join(Image, col(Image.id) == ImageTag.image_id)
+                .where(in_collection())
+                .group_by(col(ImageTag.tag))
+            )
+        ).all()
+    )
     counts = dict.fromkeys(names, 0) | stored
     data = [TagCount(tag=tag, count=count) for tag, count in counts.items()]
     data.sort(key=lambda item: -item.count)  # stable: vocabulary order among equals

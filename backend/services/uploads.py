@@ -21,10 +21,12 @@ from backend.context import AppContext
 from backend.errors import DeletedMeanwhile, DomainError, StorageFailure
 from backend.models import Image, TagScore
 from backend.services.captions import start_caption_job
+from backend.services.duplicates import link_new
 from backend.services.index import vector_to_blob
 from backend.services.pipeline import PreparedImage
 from backend.services.storage import IncomingFile, LibraryOrigin, Receive, StagedFile
 from backend.services.tagging import Tags, load_tags, tag_rows
+from backend.services.trash import revive
 from ml.embedder import ClipEmbedder
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,9 @@ async def ingest_files(ctx: AppContext, files: list[IncomingFile]) -> list[Uploa
     tags = await ctx.tags.tag(embedder, vectors)
     for item, vector, item_tags in zip(ready, vectors, tags, strict=True):
         item.vector, item.tags = vector, item_tags
-    await _commit(ctx, embedder, list(first_of.values()))
+    new_ids, new_vectors = await _commit(ctx, embedder, list(first_of.values()))
+    if new_ids:
+        await link_new(ctx, new_ids, np.stack(new_vectors))
 
     for outcome, first in repeats:
         outcome.image = first.outcome.image
@@ -148,10 +152,12 @@ async def _find_by_sha(session: AsyncSession, hashes: set[str]) -> dict[str, Ima
     return {row.sha256: row for row in rows}
 
 
-async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]) -> None:
-    """Under the write lock: settle duplicates against the current rows, then store the new images."""
+async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]) -> tuple[list[int], list[np.ndarray]]:
+    """Under the write lock: settle duplicates against the current rows, then store the new images; the ids
+    and vectors of the images stored."""
     new_ids: list[int] = []
     new_vectors: list[np.ndarray] = []
+    revived: list[Image] = []  # known bytes that lay in the trash: sending them again takes them out
     async with ctx.write_lock, ctx.sessions() as session:
         try:
             # Checked again under the lock: a delete or another upload may have run meanwhile.
@@ -168,9 +174,11 @@ async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]
                         )
                     else:
                         outcome.image, outcome.duplicate = existing, True
+                        revived.append(existing)
                     continue
                 if existing is not None:  # another request stored the same bytes meanwhile
                     outcome.image, outcome.duplicate = existing, True
+                    revived.append(existing)
                     continue
                 try:
                     image = await _store_one(ctx, session, embedder, item)
@@ -188,10 +196,12 @@ async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]
                 new_ids.append(image.id)
                 new_vectors.append(item.vector)
             await session.commit()
+            await revive(ctx, session, [image for image in revived if image.trashed_at is not None])
         finally:
             # Rows that were committed are searchable even when a later image in the batch failed.
             if new_ids:
                 await ctx.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+    return new_ids, new_vectors
 
 
 async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbedder, item: _NewFile) -> Image:
@@ -211,6 +221,7 @@ async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbed
         **info.metadata.columns(),
         size_bytes=staged.size,
         sha256=staged.sha256,
+        phash=item.prepared.phash,
         embedding_model=embedder.embedding_model,
         embedding_dim=int(vector.shape[0]),
         embedding=vector_to_blob(vector),

@@ -34,7 +34,7 @@ async def test_upload_racing_a_delete_never_reports_a_deleted_image(
     files = [("files", ("old.jpg", old, "image/jpeg")), ("files", ("new.jpg", make_image_bytes(2), "image/jpeg"))]
     upload = asyncio.create_task(client.post("/images", files=files))
     await asyncio.to_thread(entered.wait, 10)
-    assert (await client.delete(f"/images/{first['id']}")).status_code == 204
+    assert (await client.delete(f"/images/{first['id']}", params={"purge": "true"})).status_code == 204
     release.set()
     body = (await upload).json()
 

@@ -52,6 +52,12 @@ def _as_hand_written(path, version: int) -> None:
         # Added by the revisions after the hand-written versions.
         db.execute("ALTER TABLE job DROP COLUMN owner")
         db.execute("ALTER TABLE job DROP COLUMN lease_until")
+        db.execute("DROP TABLE library_dismissed")
+        db.execute("DROP TABLE duplicate_pair")
+        db.execute("DROP TABLE duplicate_decision")
+        db.execute("DROP INDEX ix_image_trashed_at")
+        for column in ("phash", "trashed_at"):
+            db.execute(f"ALTER TABLE image DROP COLUMN {column}")
         db.execute("DROP TABLE library_file")
         db.execute("DROP TABLE library")
         db.execute("DROP INDEX ix_image_library_id")

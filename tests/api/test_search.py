@@ -105,10 +105,10 @@ async def test_search_by_image_refuses_a_non_image(client: httpx.AsyncClient, se
     assert stored_files(settings.storage_root) == []
 
 
-async def test_delete_removes_image_everywhere(client: httpx.AsyncClient, settings: Settings) -> None:
+async def test_purge_removes_image_everywhere(client: httpx.AsyncClient, settings: Settings) -> None:
     images = await seed_images(client, 3)
     doomed = images[1]
-    response = await client.delete(f"/images/{doomed['id']}")
+    response = await client.delete(f"/images/{doomed['id']}", params={"purge": "true"})
     assert response.status_code == 204
     assert (await client.get(f"/images/{doomed['id']}")).status_code == 404
     assert (await client.get(doomed["file_url"])).status_code == 404
@@ -124,15 +124,15 @@ async def test_delete_removes_image_everywhere(client: httpx.AsyncClient, settin
     health = (await client.get("/health")).json()
     assert health["images"] == health["index"]["size"] == 2
 
-    again = await client.delete(f"/images/{doomed['id']}")
+    again = await client.delete(f"/images/{doomed['id']}", params={"purge": "true"})
     assert again.status_code == 404
     assert again.json()["code"] == "image_not_found"
 
 
-async def test_deleted_image_can_be_uploaded_again(client: httpx.AsyncClient) -> None:
+async def test_purged_image_can_be_uploaded_again(client: httpx.AsyncClient) -> None:
     data = make_image_bytes(7)
     first = (await client.post("/images", files={"file": ("a.jpg", data, "image/jpeg")})).json()
-    assert (await client.delete(f"/images/{first['id']}")).status_code == 204
+    assert (await client.delete(f"/images/{first['id']}", params={"purge": "true"})).status_code == 204
     again = await client.post("/images", files={"file": ("a.jpg", data, "image/jpeg")})
     assert again.status_code == 201
     assert again.json()["duplicate"] is False

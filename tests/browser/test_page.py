@@ -310,20 +310,30 @@ def test_group_pictures_without_storing_them(page, server: Server, tmp_path: Pat
     assert server.get("/images")["count"] == 0
 
 
-def test_delete_removes_the_image_from_the_gallery(page, server: Server) -> None:
+def test_delete_moves_the_image_to_the_trash_and_restore_brings_it_back(page, server: Server) -> None:
     images = upload(server, {"keep.jpg": 81, "drop.jpg": 82})
     page.reload()
     page.wait_for_function("document.querySelectorAll('#gallery .thumb').length === 2")
     page.click(f"#gallery .thumb[data-id='{images[1]['id']}']")
     page.click("#detail-delete")
-    assert page.text_content("#detail-delete") == "Click again to delete"
+    assert page.text_content("#detail-delete") == "Click again to trash"
     assert server.get("/images")["count"] == 2  # one click alone deletes nothing
     page.click("#detail-delete")
     page.wait_for_selector("#detail", state="hidden")
     page.wait_for_function("document.querySelectorAll('#gallery .thumb').length === 1")
     assert gallery_names(page) == ["keep.jpg"]
-    assert page.locator(".toast.info").text_content().startswith("Deleted drop.jpg.")
+    assert page.locator(".toast.info").text_content().startswith("Moved drop.jpg to the trash")
     assert [i["filename"] for i in server.get("/images")["data"]] == ["keep.jpg"]
+    # The Trash view shows it with its thumbnail; Restore puts it back in the gallery.
+    page.click("nav button[data-view=trash]")
+    page.wait_for_selector(f"#trash .trash-card[data-id='{images[1]['id']}']")
+    assert "1 image in the trash" in page.text_content("#trash-info")
+    page.wait_for_function("document.querySelector('#trash .trash-card img').naturalWidth > 0")
+    page.click("#trash .trash-card button:has-text('Restore')")
+    page.wait_for_selector("#trash-info:has-text('The trash is empty')")
+    assert server.get("/images")["count"] == 2
+    page.click("nav button[data-view=gallery]")
+    page.wait_for_function("document.querySelectorAll('#gallery .thumb').length === 2")
 
 
 def test_folder_import_shows_progress_and_its_result(page, server: Server) -> None:

@@ -15,7 +15,7 @@ import pytest
 from backend import apikeys
 from backend.config import Settings
 from tests.conftest import AppRunner
-from tests.helpers import make_image_bytes, stored_files, upload_many, wait_job
+from tests.helpers import make_image_bytes, sql, stored_files, upload_many, wait_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def photos(tmp_path: Path) -> Path:
 def test_help_lists_every_subcommand(settings: Settings) -> None:
     done = run_cli(settings, "--help")
     assert done.returncode == 0, done.stderr
-    for command in ("serve", "import", "library", "reindex", "export", "check", "keys"):
+    for command in ("serve", "import", "library", "reindex", "export", "check", "duplicates", "keys"):
         assert command in done.stdout
     assert run_cli(settings).returncode == 2  # no command: usage, status 2
     assert run_cli(settings, "export", "1").returncode == 2  # --to is required
@@ -181,6 +181,39 @@ async def test_reindex_re_embeds_every_image(settings: Settings, run_app: AppRun
     assert f"re-embedded 3 images with {settings.clip_model_name}, 0 failed" in done.stdout
     nothing = run_cli(settings, "reindex")  # nothing was embedded by another model
     assert "re-embedded 0 images" in nothing.stdout
+
+
+async def test_duplicates_scan_list_and_resolve_with_a_dry_run_first(settings: Settings, run_app: AppRunner) -> None:
+    from bench.data import scene_bytes, variants
+
+    hash_decides = {"DUPLICATES_SAME_COSINE": "-1", "DUPLICATES_SIMILAR_COSINE": "1.01"}
+    original = scene_bytes(5)
+    async with run_app() as client:
+        stored = [
+            await client.post("/images", files={"file": (name, data)})
+            for name, data in [("original.png", original), *variants(original).items()][:4]
+        ]
+        assert all(response.status_code == 201 for response in stored)
+        keeper = stored[0].json()["id"]  # the PNG: as many pixels as the JPEG copies, more bytes
+    # A collection stored before duplicates were looked for: no hashes, no pairs.
+    await sql(settings, "UPDATE image SET phash = NULL")
+    await sql(settings, "DELETE FROM duplicate_pair")
+    empty = run_cli(settings, "duplicates", "list", **hash_decides)
+    assert empty.returncode == 0 and "0 groups" in empty.stdout
+    scanned = run_cli(settings, "duplicates", "scan", **hash_decides)
+    assert scanned.returncode == 0, scanned.stderr
+    assert "scanned 4 images (4 hashed now)" in scanned.stdout and "1 same_picture" in scanned.stdout
+    listed = run_cli(settings, "duplicates", "list", **hash_decides)
+    assert f"same_picture-{keeper}\t4 images\tkeep {keeper}:" in listed.stdout and "1 groups" in listed.stdout
+    preview = run_cli(settings, "duplicates", "resolve", "--dry-run", **hash_decides)
+    assert preview.returncode == 0 and "would move 3 images to the trash from 1 groups" in preview.stdout
+    assert "1 groups" in run_cli(settings, "duplicates", "list", **hash_decides).stdout
+    done = run_cli(settings, "duplicates", "resolve", **hash_decides)
+    assert done.returncode == 0 and "moved 3 images to the trash" in done.stdout
+    async with run_app(duplicates_same_cosine=-1.0, duplicates_similar_cosine=1.01) as client:
+        assert [i["id"] for i in (await client.get("/images")).json()["data"]] == [keeper]
+        assert (await client.get("/trash")).json()["count"] == 3
+    assert run_cli(settings, "duplicates", "list", "--limit", "0").returncode == 2
 
 
 async def test_check_finds_damage_changes_nothing_and_repair_mends_what_loses_no_data(
@@ -310,7 +343,7 @@ def test_pip_install_gives_the_image_organizer_command(tmp_path: Path) -> None:
         [str(venv / "bin" / "image-organizer"), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert helped.returncode == 0, helped.stderr
-    for command in ("serve", "import", "library", "reindex", "export", "check", "keys"):
+    for command in ("serve", "import", "library", "reindex", "export", "check", "duplicates", "keys"):
         assert command in helped.stdout
     where = subprocess.run(
         [str(python), "-c", "import backend, backend.routers.page as p; print(backend.__file__); print(p.PAGE)"],
