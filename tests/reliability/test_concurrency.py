@@ -84,7 +84,7 @@ async def _some_work(client: httpx.AsyncClient, record: Record, mine: list[int],
         record.note("get", await client.get(f"/images/{image_id}"))
     elif mine:
         image_id = mine.pop(rng.randrange(len(mine)))
-        answer = record.note("delete", await client.delete(f"/images/{image_id}"))
+        answer = record.note("delete", await client.delete(f"/images/{image_id}", params={"purge": "true"}))
         if answer.status_code == 204:
             record.deleted[image_id] = record.kept.pop(image_id)
     else:

@@ -135,7 +135,7 @@ async def _upload_and_import_until_killed(server: RunningServer, images: dict[in
                     continue
                 seed = todo[0]
                 try:
-                    answer = await client.delete(f"/images/{acknowledged[seed]}")
+                    answer = await client.delete(f"/images/{acknowledged[seed]}", params={"purge": "true"})
                 except httpx.TransportError:
                     delete_cut_off[seed] = acknowledged[seed]
                     return

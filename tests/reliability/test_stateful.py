@@ -190,7 +190,7 @@ class StoresAgree(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
         image_id = data.draw(st.sampled_from(sorted(self.live)), label="image_id")
-        response = self.app.call(self.client.delete(f"/images/{image_id}"))
+        response = self.app.call(self.client.delete(f"/images/{image_id}", params={"purge": "true"}))
         assert response.status_code == 204, response.text
         del self.live[image_id]
         self.deleted.add(image_id)
@@ -199,7 +199,7 @@ class StoresAgree(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_again(self, data: st.DataObject) -> None:
         image_id = data.draw(st.sampled_from(sorted(self.deleted)), label="image_id")
-        response = self.app.call(self.client.delete(f"/images/{image_id}"))
+        response = self.app.call(self.client.delete(f"/images/{image_id}", params={"purge": "true"}))
         assert response.status_code == 404, response.text
 
     @rule(query=st.sampled_from(QUERIES), top_k=st.integers(min_value=1, max_value=10))
