@@ -197,7 +197,13 @@ def test_a_delete_through_one_never_shows_in_the_others_search(replicas: Replica
     assert search(replicas.b) == set(ids[1:])
     similar = httpx.get(f"{replicas.b.base}/images/{ids[1]}/similar", params={"top_k": 10}, timeout=30).json()
     assert ids[0] not in {hit["image"]["id"] for hit in similar["results"]}
-    assert httpx.get(f"{replicas.b.base}/images/{ids[0]}", timeout=30).status_code == 404
+    # A delete moves to the trash: b shows the record as trashed, and a purge through a removes it from b too.
+    assert httpx.get(f"{replicas.b.base}/images/{ids[0]}", timeout=30).json()["trashed_at"] is not None
+    assert {item["id"] for item in httpx.get(f"{replicas.b.base}/trash", timeout=30).json()["data"]} == {ids[0]}
+    purged = httpx.delete(f"{replicas.a.base}/images/{ids[1]}", params={"purge": "true"}, timeout=30)
+    assert purged.status_code == 204
+    assert search(replicas.b) == set(ids[2:])
+    assert httpx.get(f"{replicas.b.base}/images/{ids[1]}", timeout=30).status_code == 404
 
 
 @pytest.fixture
