@@ -34,7 +34,7 @@ async def upload_photo_and_variants(client: httpx.AsyncClient, seed: int = 1) ->
     return stored, copies
 
 
-async def groups(client: httpx.AsyncClient, **params: object) -> dict:
+async def groups(client: httpx.AsyncClient, **params: str | int) -> dict:
     response = await client.get("/duplicates", params=params)
     assert response.status_code == 200, response.text
     return response.json()

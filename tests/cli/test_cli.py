@@ -186,7 +186,10 @@ async def test_reindex_re_embeds_every_image(settings: Settings, run_app: AppRun
 async def test_duplicates_scan_list_and_resolve_with_a_dry_run_first(settings: Settings, run_app: AppRunner) -> None:
     from bench.data import scene_bytes, variants
 
-    hash_decides = {"DUPLICATES_SAME_COSINE": "-1", "DUPLICATES_SIMILAR_COSINE": "1.01"}
+    def duplicates(*args: str) -> subprocess.CompletedProcess[str]:
+        """The command with the hash deciding alone: random weights give no meaningful cosine."""
+        return run_cli(settings, "duplicates", *args, DUPLICATES_SAME_COSINE="-1", DUPLICATES_SIMILAR_COSINE="1.01")
+
     original = scene_bytes(5)
     async with run_app() as client:
         stored = [
@@ -198,17 +201,17 @@ async def test_duplicates_scan_list_and_resolve_with_a_dry_run_first(settings: S
     # A collection stored before duplicates were looked for: no hashes, no pairs.
     await sql(settings, "UPDATE image SET phash = NULL")
     await sql(settings, "DELETE FROM duplicate_pair")
-    empty = run_cli(settings, "duplicates", "list", **hash_decides)
+    empty = duplicates("list")
     assert empty.returncode == 0 and "0 groups" in empty.stdout
-    scanned = run_cli(settings, "duplicates", "scan", **hash_decides)
+    scanned = duplicates("scan")
     assert scanned.returncode == 0, scanned.stderr
     assert "scanned 4 images (4 hashed now)" in scanned.stdout and "1 same_picture" in scanned.stdout
-    listed = run_cli(settings, "duplicates", "list", **hash_decides)
+    listed = duplicates("list")
     assert f"same_picture-{keeper}\t4 images\tkeep {keeper}:" in listed.stdout and "1 groups" in listed.stdout
-    preview = run_cli(settings, "duplicates", "resolve", "--dry-run", **hash_decides)
+    preview = duplicates("resolve", "--dry-run")
     assert preview.returncode == 0 and "would move 3 images to the trash from 1 groups" in preview.stdout
-    assert "1 groups" in run_cli(settings, "duplicates", "list", **hash_decides).stdout
-    done = run_cli(settings, "duplicates", "resolve", **hash_decides)
+    assert "1 groups" in duplicates("list").stdout
+    done = duplicates("resolve")
     assert done.returncode == 0 and "moved 3 images to the trash" in done.stdout
     async with run_app(duplicates_same_cosine=-1.0, duplicates_similar_cosine=1.01) as client:
         assert [i["id"] for i in (await client.get("/images")).json()["data"]] == [keeper]
