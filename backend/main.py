@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],  # every method a route answers
             allow_headers=["*"],
             # The export's filename and a job's URL are readable by the calling page too.
             expose_headers=["Content-Disposition", "Location"],

@@ -106,6 +106,15 @@ async def test_cors_preflight_from_an_allowed_origin(run_app: AppRunner) -> None
         assert "access-control-allow-origin" not in other.headers
 
 
+async def test_an_allowed_origin_may_send_every_method_the_api_uses(run_app: AppRunner) -> None:
+    """PATCH /libraries/{id} and DELETE /images/{id} from a page on an allowed origin pass the preflight."""
+    async with run_app(cors_origins=[ORIGIN]) as client:
+        for method, path in [("PATCH", "/libraries/1"), ("DELETE", "/images/1"), ("POST", "/duplicates/scan")]:
+            preflight = await client.options(path, headers={"Origin": ORIGIN, "Access-Control-Request-Method": method})
+            assert preflight.status_code == 200, (method, preflight.text)
+            assert method in preflight.headers["access-control-allow-methods"]
+
+
 async def test_no_cross_origin_access_by_default(client: httpx.AsyncClient) -> None:
     preflight = await client.options(
         "/cluster-images", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
