@@ -222,6 +222,12 @@ class InvalidResolve(InvalidInput):
     code = "invalid_resolve"
 
 
+class GroupChanged(Conflict):
+    """A member to keep left the collection (another resolve trashed it) since the group was read."""
+
+    code = "group_changed"
+
+
 # Folder import paths: refused (403), malformed (400) or not there (404).
 class ImportPathRefused(Forbidden):
     code = "import_path_refused"

@@ -10,7 +10,7 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from backend.context import AppContext
-from backend.errors import DomainError, NothingToDo, OriginalUnreadable
+from backend.errors import DomainError, InTrash, NothingToDo, OriginalUnreadable
 from backend.models import Image, ImagePublic, Job
 from backend.services.catalog import get_images_by_ids, load_image, publish
 from backend.services.jobs import JobHandle
@@ -71,9 +71,10 @@ async def caption_stored(
 
 async def caption_image(ctx: AppContext, image_id: int, *, refresh: bool = False) -> ImagePublic:
     """Caption one stored image (or keep its cached caption) and return its record; ImageNotFound before BLIP
-    loads, OriginalUnreadable when its original cannot be read."""
+    loads, InTrash for a trashed one, OriginalUnreadable when its original cannot be read."""
     async with ctx.sessions() as session:
-        await load_image(session, image_id)
+        if (await load_image(session, image_id)).trashed_at is not None:
+            raise InTrash(f"image {image_id} is in the trash: restore it first (POST /trash/{image_id}/restore)")
     if image_id not in await caption_stored(ctx, [image_id], refresh=refresh):
         async with ctx.sessions() as session:
             await load_image(session, image_id)  # deleted meanwhile: not found

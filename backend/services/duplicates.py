@@ -19,6 +19,7 @@ all lie in one decision of its tier stays hidden until an image outside it joins
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +32,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
-from backend.errors import GroupNotFound, InvalidResolve
+from backend.errors import GroupChanged, GroupNotFound, InvalidResolve
 from backend.models import (
     BulkResolveOutcome,
     BulkResolveRequest,
@@ -450,14 +451,15 @@ def suggest_keeper(images: list[Image]) -> tuple[Image, str]:
 def _evidence(group: _Group) -> str:
     if group.tier == "exact":
         return f"the same bytes in {len(group.copies)} places"
-    cosines = [p.cosine for p in group.pairs]
+    # Rounded down, so "at least" stays true (0.99998 reads 0.999, not 1.000).
+    least = math.floor(min(p.cosine for p in group.pairs) * 1000) / 1000
     if group.tier == "same_picture":
         distances = [p.hash_distance for p in group.pairs if p.hash_distance is not None]
         return (
-            f"perceptual hashes at most {max(distances)} bits apart and CLIP cosine at least {min(cosines):.3f}: "
+            f"perceptual hashes at most {max(distances)} bits apart and CLIP cosine at least {least:.3f}: "
             "the same picture re-encoded, resized, converted or cropped"
         )
-    return f"CLIP cosine at least {min(cosines):.3f}: near-identical shots"
+    return f"CLIP cosine at least {least:.3f}: near-identical shots"
 
 
 async def _public(session: AsyncSession, groups: list[_Group]) -> list[DuplicateGroup]:
@@ -522,8 +524,17 @@ async def _keep_all(ctx: AppContext, group: _Group) -> ResolveOutcome:
 
 
 async def _keep(ctx: AppContext, group: _Group, keep: list[int], reason: str | None = None) -> ResolveOutcome:
+    """Trash the members not kept. The kept ones are checked again under the write lock: two resolves of one
+    group sent together (keep A, keep B) must not trash both, so the second is refused (GroupChanged)."""
+    keep = sorted(set(keep))
     others = [i for i in group.members if i not in keep]
     async with ctx.write_lock, ctx.sessions() as session:
+        gone = sorted(set(keep) - set(await get_images_by_ids(session, keep)))
+        if gone:
+            raise GroupChanged(
+                f"{group.id} changed since it was read: {gone} left the collection (trashed or deleted "
+                "meanwhile), so nothing was trashed; list the groups again"
+            )
         rows = await get_images_by_ids(session, others)
         trashed = await trash_images(ctx, session, list(rows.values()))
     return ResolveOutcome(
@@ -570,5 +581,8 @@ async def resolve_many(ctx: AppContext, request: BulkResolveRequest) -> BulkReso
                 )
             )
         else:
-            outcomes.append(await _keep(ctx, group, keep, reason))
+            try:
+                outcomes.append(await _keep(ctx, group, keep, reason))
+            except GroupChanged:  # another resolve took its keeper meanwhile: this group is left as it is
+                continue
     return BulkResolveOutcome(dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes))

@@ -50,12 +50,13 @@ async def trash_image(ctx: AppContext, image_id: int) -> None:
         await trash_images(ctx, session, [await load_image(session, image_id)])
 
 
-async def revive(ctx: AppContext, session: AsyncSession, images: list[Image]) -> None:
+async def revive(ctx: AppContext, session: AsyncSession, images: list[Image]) -> list[tuple[int, np.ndarray]]:
     """Take these rows out of the trash and commit; the current model's vectors go back into the index.
-    Called under the write lock."""
+    Called under the write lock. The (id, vector) pairs put back, for duplicates.link_new once the lock is
+    released: an image that arrived while these lay in the trash was never paired with them."""
     back = [image for image in images if image.trashed_at is not None and image.id is not None]
     if not back:
-        return
+        return []
     ids = [int(image.id) for image in back if image.id is not None]
     await session.exec(update(Image).where(col(Image.id).in_(ids)).values(trashed_at=None))
     await session.commit()
@@ -67,17 +68,23 @@ async def revive(ctx: AppContext, session: AsyncSession, images: list[Image]) ->
         image.trashed_at = None
     if searchable:
         await ctx.index.add(np.array([i for i, _ in searchable], dtype=np.int64), np.stack([v for _, v in searchable]))
+    return searchable
 
 
 async def restore_image(ctx: AppContext, image_id: int) -> TrashedImage:
     """POST /trash/{id}/restore: back in every listing and search. NotInTrash when it is not there."""
+    from backend.services.duplicates import link_new  # duplicates trashes through this module
+
     async with ctx.write_lock, ctx.sessions() as session:
         image = await load_image(session, image_id)
         if image.trashed_at is None:
             raise NotInTrash(f"image {image_id} is not in the trash")
-        await revive(ctx, session, [image])
+        back = await revive(ctx, session, [image])
         tags = await load_tags(session, [image_id])
-        return _trashed(ctx, image, tags.get(image_id))
+        restored = _trashed(ctx, image, tags.get(image_id))
+    if back:
+        await link_new(ctx, [i for i, _ in back], np.stack([v for _, v in back]))
+    return restored
 
 
 def purge_date(ctx: AppContext, trashed_at: datetime | None) -> datetime | None:

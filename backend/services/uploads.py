@@ -154,8 +154,9 @@ async def _find_by_sha(session: AsyncSession, hashes: set[str]) -> dict[str, Ima
 
 async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]) -> tuple[list[int], list[np.ndarray]]:
     """Under the write lock: settle duplicates against the current rows, then store the new images; the ids
-    and vectors of the images stored."""
+    and vectors of the images stored and of those taken out of the trash (to pair with their duplicates)."""
     new_ids: list[int] = []
+    back: list[tuple[int, np.ndarray]] = []
     new_vectors: list[np.ndarray] = []
     revived: list[Image] = []  # known bytes that lay in the trash: sending them again takes them out
     async with ctx.write_lock, ctx.sessions() as session:
@@ -196,12 +197,13 @@ async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]
                 new_ids.append(image.id)
                 new_vectors.append(item.vector)
             await session.commit()
-            await revive(ctx, session, [image for image in revived if image.trashed_at is not None])
+            # Revived images are paired again too: new images may have come while they lay in the trash.
+            back = await revive(ctx, session, [image for image in revived if image.trashed_at is not None])
         finally:
             # Rows that were committed are searchable even when a later image in the batch failed.
             if new_ids:
                 await ctx.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
-    return new_ids, new_vectors
+    return new_ids + [i for i, _ in back], new_vectors + [v for _, v in back]
 
 
 async def _store_one(ctx: AppContext, session: AsyncSession, embedder: ClipEmbedder, item: _NewFile) -> Image:

@@ -207,6 +207,53 @@ async def test_bad_decisions_are_refused_and_change_nothing(run_app: AppRunner) 
         assert len(await listed_ids(client)) == 1 + len(copies) and (await groups(client))["count"] == 1
 
 
+async def test_two_resolves_sent_together_never_trash_the_whole_group(run_app: AppRunner) -> None:
+    async with run_app(**HASH_DECIDES) as client:
+        original, copies = await upload_photo_and_variants(client)
+        group = (await groups(client))["data"][0]
+        members = [m["image"]["id"] for m in group["members"]]
+        url = f"/duplicates/{group['id']}/resolve"
+        first, second = await asyncio.gather(
+            client.post(url, json={"keep": [members[0]]}), client.post(url, json={"keep": [members[1]]})
+        )
+        answers = sorted([first, second], key=lambda r: r.status_code)
+        assert answers[0].status_code == 200, answers[0].text
+        # The later one finds the group gone (404) or its keeper trashed under the lock (409): nothing more moves.
+        assert (answers[1].status_code, answers[1].json()["code"]) in {(404, "group_not_found"), (409, "group_changed")}
+        kept = answers[0].json()["kept"]
+        assert len(kept) == 1 and await listed_ids(client) == set(kept)
+        assert (await client.get("/trash")).json()["count"] == len(members) - 1
+
+
+@pytest.mark.parametrize("back_by", ["restore", "upload again"])
+async def test_an_image_back_from_the_trash_is_paired_with_what_came_meanwhile(
+    run_app: AppRunner, back_by: str
+) -> None:
+    original_bytes = scene_bytes(4)
+    copy_name, copy_bytes = next(iter(variants(original_bytes).items()))
+    async with run_app(**HASH_DECIDES) as client:
+        original = await put(client, "original.png", original_bytes)
+        assert (await client.delete(f"/images/{original['id']}")).status_code == 204
+        copy = await put(client, f"{copy_name}.img", copy_bytes)
+        assert (await groups(client))["count"] == 0
+        if back_by == "restore":
+            assert (await client.post(f"/trash/{original['id']}/restore")).status_code == 200
+        else:
+            again = await client.post("/images", files={"file": ("again.png", original_bytes, "image/png")})
+            assert again.status_code == 200 and again.json()["id"] == original["id"], again.text
+        found = (await groups(client))["data"]  # no scan: coming back looked for its duplicates
+        assert [{m["image"]["id"] for m in g["members"]} for g in found] == [{original["id"], copy["id"]}]
+
+
+async def test_a_trashed_image_is_not_captioned(run_app: AppRunner) -> None:
+    async with run_app() as client:
+        image = await put(client, "a.png", scene_bytes(2))
+        assert (await client.delete(f"/images/{image['id']}")).status_code == 204
+        response = await client.post(f"/images/{image['id']}/caption")
+        assert response.status_code == 409 and response.json()["code"] == "in_trash", response.text
+        assert "restore" in response.json()["detail"]
+
+
 async def test_delete_moves_to_the_trash_and_purge_deletes_at_once(run_app: AppRunner, settings) -> None:
     async with run_app() as client:
         kept = await put(client, "kept.png", scene_bytes(1))
