@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, NaiveDatetime, field_validator
+from pydantic import BaseModel, ConfigDict, NaiveDatetime, StringConstraints, field_validator
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlmodel import Field, SQLModel
 
@@ -608,6 +608,16 @@ class ResolveOutcome(BaseModel):
     remembered: bool = Field(description="keep_all: the decision is stored and survives rescans.")
 
 
+class PlannedResolve(BaseModel):
+    """One group of a preview, sent back as it was shown: applied only if the group is still exactly this."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    group_id: Annotated[str, StringConstraints(pattern=r"^(same_picture|similar)-[0-9]{1,19}$", max_length=40)]
+    kept: list[int] = Field(min_length=1, max_length=1000)
+    trashed: list[int] = Field(min_length=1, max_length=1000)
+
+
 class BulkResolveRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -616,12 +626,26 @@ class BulkResolveRequest(BaseModel):
     )
     dry_run: bool = Field(default=False, description="Only say what would be kept and trashed.")
     limit: int = Field(default=1000, ge=1, le=10_000, description="At most this many groups, largest first.")
+    plan: list[PlannedResolve] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="The `groups` of a dry run, sent back to apply exactly what it showed (tier and limit are "
+        "then not used): a group whose members changed since is skipped, never resolved differently.",
+    )
+
+
+class SkippedGroup(BaseModel):
+    group_id: str
+    reason: str
 
 
 class BulkResolveOutcome(BaseModel):
     dry_run: bool
     groups: list[ResolveOutcome]
     trashed: int = Field(description="Images moved to the trash (or that would be, with dry_run).")
+    skipped: list[SkippedGroup] = Field(
+        default_factory=list, description="Groups of the plan left as they are, with why (changed since the preview)."
+    )
 
 
 class TrashedImage(ImagePublic):

@@ -49,6 +49,7 @@ from backend.models import (
     LibraryFile,
     ResolveOutcome,
     ResolveRequest,
+    SkippedGroup,
 )
 from backend.services.catalog import get_images_by_ids, publish
 from backend.services.filters import in_collection
@@ -562,9 +563,13 @@ async def resolve(ctx: AppContext, group_id: str, request: ResolveRequest) -> Re
 
 
 async def resolve_many(ctx: AppContext, request: BulkResolveRequest) -> BulkResolveOutcome:
-    """POST /duplicates/resolve: keep each group's suggested keeper, trash the rest (or only say so)."""
+    """POST /duplicates/resolve: keep each group's suggested keeper, trash the rest (or only say so). With a
+    plan (a dry run's groups sent back), exactly that plan, group by group, where the group is unchanged."""
+    if request.plan is not None:
+        return await _apply_plan(ctx, request)
     groups = (await _all_groups(ctx, request.tier))[: request.limit]
     outcomes: list[ResolveOutcome] = []
+    skipped: list[SkippedGroup] = []
     async with ctx.sessions() as session:
         rows = await get_images_by_ids(session, sorted({i for g in groups for i in g.members}))
     for group in groups:
@@ -583,6 +588,43 @@ async def resolve_many(ctx: AppContext, request: BulkResolveRequest) -> BulkReso
         else:
             try:
                 outcomes.append(await _keep(ctx, group, keep, reason))
-            except GroupChanged:  # another resolve took its keeper meanwhile: this group is left as it is
-                continue
-    return BulkResolveOutcome(dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes))
+            except GroupChanged as exc:  # another resolve took its keeper meanwhile: left as it is
+                skipped.append(SkippedGroup(group_id=group.id, reason=exc.detail))
+    return BulkResolveOutcome(
+        dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes), skipped=skipped
+    )
+
+
+async def _apply_plan(ctx: AppContext, request: BulkResolveRequest) -> BulkResolveOutcome:
+    assert request.plan is not None
+    current = {group.id: group for group in await _all_groups(ctx)}
+    outcomes: list[ResolveOutcome] = []
+    skipped: list[SkippedGroup] = []
+    for item in request.plan:
+        group = current.get(item.group_id)
+        if group is None:
+            skipped.append(SkippedGroup(group_id=item.group_id, reason="no such group now: resolved or changed"))
+            continue
+        kept, trashed = set(item.kept), set(item.trashed)
+        if kept & trashed or kept | trashed != set(group.members):
+            skipped.append(
+                SkippedGroup(
+                    group_id=item.group_id,
+                    reason=f"its members are {group.members} now, not the ones planned: preview again",
+                )
+            )
+            continue
+        if request.dry_run:
+            outcomes.append(
+                ResolveOutcome(
+                    group_id=group.id, tier=group.tier, kept=sorted(kept), trashed=sorted(trashed), remembered=False
+                )
+            )
+            continue
+        try:
+            outcomes.append(await _keep(ctx, group, sorted(kept)))
+        except GroupChanged as exc:
+            skipped.append(SkippedGroup(group_id=item.group_id, reason=exc.detail))
+    return BulkResolveOutcome(
+        dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes), skipped=skipped
+    )

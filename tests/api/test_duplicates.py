@@ -181,6 +181,30 @@ async def test_bulk_resolve_previews_then_applies_the_suggested_keepers(run_app:
         assert (await groups(client))["count"] == 0
 
 
+async def test_a_plan_sent_back_applies_exactly_what_the_preview_showed(run_app: AppRunner) -> None:
+    async with run_app(**HASH_DECIDES) as client:
+        small = variants(scene_bytes(1))
+        one = await put(client, "one-75.jpg", small["resize 75%"])
+        await put(client, "one-50.jpg", small["resize 50%"])
+        two = await put(client, "two.png", scene_bytes(2))
+        await put(client, "two-small.jpg", variants(scene_bytes(2))["resize 25%"])
+        preview = (await client.post("/duplicates/resolve", json={"dry_run": True})).json()
+        plan = [{k: g[k] for k in ("group_id", "kept", "trashed")} for g in preview["groups"]]
+        assert {tuple(g["kept"]) for g in plan} == {(one["id"],), (two["id"],)}
+        # The full-size original of the first picture arrives after the preview: it would be the keeper now.
+        bigger = await put(client, "one.png", scene_bytes(1))
+        applied = (await client.post("/duplicates/resolve", json={"plan": plan})).json()
+        assert [g["group_id"] for g in applied["groups"]] == [g["group_id"] for g in plan if two["id"] in g["kept"]]
+        assert [s["group_id"] for s in applied["skipped"]] == [g["group_id"] for g in plan if one["id"] in g["kept"]]
+        assert "preview again" in applied["skipped"][0]["reason"]
+        # The changed group is untouched: nothing the preview did not show was trashed.
+        assert {one["id"], bigger["id"]} <= await listed_ids(client) and applied["trashed"] == 1
+        refused = await client.post(
+            "/duplicates/resolve", json={"plan": [{"group_id": "exact-1", "kept": [1], "trashed": [2]}]}
+        )
+        assert refused.status_code == 422 and refused.json()["code"] == "validation_error"
+
+
 async def test_bad_decisions_are_refused_and_change_nothing(run_app: AppRunner) -> None:
     async with run_app(**HASH_DECIDES) as client:
         original, copies = await upload_photo_and_variants(client)
