@@ -63,10 +63,13 @@ async def scan(ctx: ContextDep, response: Response) -> JobPublic:
     "/resolve",
     response_model=BulkResolveOutcome,
     summary="Keep each group's suggested keeper and trash the rest",
+    responses={400: {"model": ErrorBody, "description": "The body cannot be read as JSON (not UTF-8, say)"}},
 )
 async def resolve_many(ctx: ContextDep, request: Annotated[BulkResolveRequest, Body()]) -> BulkResolveOutcome:
     """For up to `limit` groups of the tier, largest first. With `dry_run` nothing changes: the answer says
-    what would be kept and trashed. Trashed images can be restored (POST /trash/{id}/restore)."""
+    what would be kept and trashed. With `plan` (a dry run's `groups` sent back), exactly those groups, each
+    only if its members are unchanged; the others are listed in `skipped`. Trashed images can be restored
+    (POST /trash/{id}/restore)."""
     return await duplicates.resolve_many(ctx, request)
 
 
@@ -75,7 +78,11 @@ async def resolve_many(ctx: ContextDep, request: Annotated[BulkResolveRequest, B
     response_model=ResolveOutcome,
     summary="Keep some of a group and trash the rest, or keep them all",
     responses={
-        400: {"model": ErrorBody, "description": "Neither or both of keep and keep_all, or ids not in the group"},
+        400: {
+            "model": ErrorBody,
+            "description": "Neither or both of keep and keep_all, ids not in the group, or a body that is not JSON",
+        },
+        409: {"model": ErrorBody, "description": "A member to keep was trashed meanwhile (group_changed)"},
         404: {"model": ErrorBody, "description": "No such group now"},
     },
 )
