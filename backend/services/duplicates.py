@@ -565,11 +565,22 @@ async def resolve(ctx: AppContext, group_id: str, request: ResolveRequest) -> Re
 async def resolve_many(ctx: AppContext, request: BulkResolveRequest) -> BulkResolveOutcome:
     """POST /duplicates/resolve: keep each group's suggested keeper, trash the rest (or only say so). With a
     plan (a dry run's groups sent back), exactly that plan, group by group, where the group is unchanged."""
+    outcome = BulkResolveOutcome(dry_run=request.dry_run, groups=[], trashed=0)
     if request.plan is not None:
-        return await _apply_plan(ctx, request)
+        current = {group.id: group for group in await _all_groups(ctx)}
+        for item in request.plan:
+            group = current.get(item.group_id)
+            if group is None:
+                outcome.skipped.append(
+                    SkippedGroup(group_id=item.group_id, reason="no such group now: resolved or changed")
+                )
+            elif set(item.kept) & set(item.trashed) or set(item.kept) | set(item.trashed) != set(group.members):
+                reason = f"its members are {group.members} now, not the ones planned: preview again"
+                outcome.skipped.append(SkippedGroup(group_id=item.group_id, reason=reason))
+            else:
+                await _settle(ctx, outcome, group, sorted(set(item.kept)), sorted(set(item.trashed)))
+        return outcome
     groups = (await _all_groups(ctx, request.tier))[: request.limit]
-    outcomes: list[ResolveOutcome] = []
-    skipped: list[SkippedGroup] = []
     async with ctx.sessions() as session:
         rows = await get_images_by_ids(session, sorted({i for g in groups for i in g.members}))
     for group in groups:
@@ -577,54 +588,29 @@ async def resolve_many(ctx: AppContext, request: BulkResolveRequest) -> BulkReso
         if len(images) < 2:
             continue
         keeper, reason = suggest_keeper(images)
-        keep = [int(keeper.id or 0)]
-        if request.dry_run:
-            others = sorted(int(image.id or 0) for image in images if image is not keeper)
-            outcomes.append(
-                ResolveOutcome(
-                    group_id=group.id, tier=group.tier, kept=keep, trashed=others, reason=reason, remembered=False
-                )
-            )
-        else:
-            try:
-                outcomes.append(await _keep(ctx, group, keep, reason))
-            except GroupChanged as exc:  # another resolve took its keeper meanwhile: left as it is
-                skipped.append(SkippedGroup(group_id=group.id, reason=exc.detail))
-    return BulkResolveOutcome(
-        dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes), skipped=skipped
-    )
+        others = sorted(int(image.id or 0) for image in images if image is not keeper)
+        await _settle(ctx, outcome, group, [int(keeper.id or 0)], others, reason)
+    return outcome
 
 
-async def _apply_plan(ctx: AppContext, request: BulkResolveRequest) -> BulkResolveOutcome:
-    assert request.plan is not None
-    current = {group.id: group for group in await _all_groups(ctx)}
-    outcomes: list[ResolveOutcome] = []
-    skipped: list[SkippedGroup] = []
-    for item in request.plan:
-        group = current.get(item.group_id)
-        if group is None:
-            skipped.append(SkippedGroup(group_id=item.group_id, reason="no such group now: resolved or changed"))
-            continue
-        kept, trashed = set(item.kept), set(item.trashed)
-        if kept & trashed or kept | trashed != set(group.members):
-            skipped.append(
-                SkippedGroup(
-                    group_id=item.group_id,
-                    reason=f"its members are {group.members} now, not the ones planned: preview again",
-                )
-            )
-            continue
-        if request.dry_run:
-            outcomes.append(
-                ResolveOutcome(
-                    group_id=group.id, tier=group.tier, kept=sorted(kept), trashed=sorted(trashed), remembered=False
-                )
-            )
-            continue
+async def _settle(
+    ctx: AppContext,
+    outcome: BulkResolveOutcome,
+    group: _Group,
+    kept: list[int],
+    trashed: list[int],
+    reason: str | None = None,
+) -> None:
+    """One group of a bulk resolve: only said (dry run), done, or skipped when its keeper left meanwhile."""
+    if outcome.dry_run:
+        done = ResolveOutcome(
+            group_id=group.id, tier=group.tier, kept=kept, trashed=trashed, reason=reason, remembered=False
+        )
+    else:
         try:
-            outcomes.append(await _keep(ctx, group, sorted(kept)))
-        except GroupChanged as exc:
-            skipped.append(SkippedGroup(group_id=item.group_id, reason=exc.detail))
-    return BulkResolveOutcome(
-        dry_run=request.dry_run, groups=outcomes, trashed=sum(len(o.trashed) for o in outcomes), skipped=skipped
-    )
+            done = await _keep(ctx, group, kept, reason)
+        except GroupChanged as exc:  # another resolve took its keeper meanwhile: left as it is
+            outcome.skipped.append(SkippedGroup(group_id=group.id, reason=exc.detail))
+            return
+    outcome.groups.append(done)
+    outcome.trashed += len(done.trashed)

@@ -21,10 +21,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from backend.context import AppContext
 from backend.errors import NotInTrash
-from backend.models import DismissedFile, Image, LibraryFile, TagScore, TrashedImage, TrashPublic, utcnow
-from backend.services.catalog import forget_images, image_public, load_image
+from backend.models import DismissedFile, Image, LibraryFile, TrashedImage, TrashPublic, utcnow
+from backend.services.catalog import forget_images, load_image, publish
 from backend.services.index import stored_vector
-from backend.services.tagging import load_tags
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +79,7 @@ async def restore_image(ctx: AppContext, image_id: int) -> TrashedImage:
         if image.trashed_at is None:
             raise NotInTrash(f"image {image_id} is not in the trash")
         back = await revive(ctx, session, [image])
-        tags = await load_tags(session, [image_id])
-        restored = _trashed(ctx, image, tags.get(image_id))
+        (restored,) = await _publish_trashed(ctx, session, [image])
     if back:
         await link_new(ctx, [i for i, _ in back], np.stack([v for _, v in back]))
     return restored
@@ -93,9 +91,12 @@ def purge_date(ctx: AppContext, trashed_at: datetime | None) -> datetime | None:
     return trashed_at + timedelta(days=ctx.settings.trash_days)
 
 
-def _trashed(ctx: AppContext, image: Image, tags: list[TagScore] | None = None) -> TrashedImage:
-    public = image_public(image, tags)
-    return TrashedImage.model_validate({**public.model_dump(), "purge_at": purge_date(ctx, image.trashed_at)})
+async def _publish_trashed(ctx: AppContext, session: AsyncSession, images: list[Image]) -> list[TrashedImage]:
+    """The public records (catalog.publish), each with the date it is purged."""
+    return [
+        TrashedImage.model_validate({**public.model_dump(), "purge_at": purge_date(ctx, image.trashed_at)})
+        for image, public in zip(images, await publish(session, images), strict=True)
+    ]
 
 
 async def list_trash(ctx: AppContext, *, offset: int = 0, limit: int = 50) -> TrashPublic:
@@ -114,10 +115,8 @@ async def list_trash(ctx: AppContext, *, offset: int = 0, limit: int = 50) -> Tr
                 )
             ).all()
         )
-        tags = await load_tags(session, [row.id for row in rows if row.id is not None])
-    return TrashPublic(
-        data=[_trashed(ctx, row, tags.get(row.id or 0)) for row in rows], count=count, offset=offset, limit=limit
-    )
+        data = await _publish_trashed(ctx, session, rows)
+    return TrashPublic(data=data, count=count, offset=offset, limit=limit)
 
 
 async def purge_images(ctx: AppContext, session: AsyncSession, images: list[Image]) -> int:
