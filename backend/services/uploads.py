@@ -156,8 +156,8 @@ async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]
     """Under the write lock: settle duplicates against the current rows, then store the new images; the ids
     and vectors of the images stored and of those taken out of the trash (to pair with their duplicates)."""
     new_ids: list[int] = []
-    back: list[tuple[int, np.ndarray]] = []
     new_vectors: list[np.ndarray] = []
+    back: list[tuple[int, np.ndarray]] = []
     revived: list[Image] = []  # known bytes that lay in the trash: sending them again takes them out
     async with ctx.write_lock, ctx.sessions() as session:
         try:
@@ -198,7 +198,7 @@ async def _commit(ctx: AppContext, embedder: ClipEmbedder, items: list[_NewFile]
                 new_vectors.append(item.vector)
             await session.commit()
             # Revived images are paired again too: new images may have come while they lay in the trash.
-            back = await revive(ctx, session, [image for image in revived if image.trashed_at is not None])
+            back = await revive(ctx, session, revived)  # only those in the trash
         finally:
             # Rows that were committed are searchable even when a later image in the batch failed.
             if new_ids:
